@@ -1,0 +1,155 @@
+"""Datasets in [-1, 1] (C, H, W) and a resumable, rank-aware batch sampler.
+
+Registry keyed by ``data.name``: ``cifar10`` (torchvision download into a cache folder), ``imagefolder``
+(any folder of images) and ``digits`` (scikit-learn's bundled 8x8 digits, offline).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, TensorDataset
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be loaded or does not fit the teacher."""
+
+
+def digits_dataset(root: str, resolution: int | None = None, channels: int = 1) -> Dataset:
+    """scikit-learn's 1797 8x8 digits (values 0..16) scaled to [-1, 1], shape (1, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images, dtype=torch.float32) / 16.0 * 2 - 1
+    return TensorDataset(x[:, None])
+
+
+def digits_labels() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().target)
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, files: list[Path], resolution: int, channels: int):
+        self.files, self.resolution, self.mode = files, resolution, "L" if channels == 1 else "RGB"
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert(self.mode)
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
+            a = np.asarray(im, dtype=np.float32) / 127.5 - 1
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        return (torch.from_numpy(np.ascontiguousarray(a)),)
+
+
+def imagefolder_dataset(root: str, resolution: int | None = None, channels: int = 3) -> Dataset:
+    """Every image under ``root`` (recursively), centre-cropped and resized to ``resolution``."""
+    p = Path(os.path.expanduser(root))
+    if not p.is_dir():
+        raise DataError(f"image folder {root!r} does not exist")
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise DataError(f"image folder {root!r} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    if resolution is None:
+        raise DataError("imagefolder needs a resolution (the teacher's sample_size or data.resolution)")
+    return _ImageFiles(files, resolution, channels)
+
+
+class _Cifar(Dataset):
+    def __init__(self, data: np.ndarray):
+        self.data = data  # uint8 N, 32, 32, 3
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return (torch.from_numpy(self.data[i]).permute(2, 0, 1).float() / 127.5 - 1,)
+
+
+def cifar10_dataset(root: str, resolution: int | None = None, channels: int = 3) -> Dataset:
+    """CIFAR-10 train set through torchvision, downloaded once into ``root``."""
+    from torchvision.datasets import CIFAR10
+
+    root = os.path.expanduser(root)
+    try:
+        ds = CIFAR10(root, train=True, download=True)
+    except Exception as e:
+        raise DataError(
+            f"cannot download CIFAR-10 into {root!r} ({type(e).__name__}); are you offline? "
+            "Run once with network access or use data.name=imagefolder"
+        ) from e
+    return _Cifar(ds.data)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "cifar10": cifar10_dataset,
+    "imagefolder": imagefolder_dataset,
+    "digits": digits_dataset,
+}
+
+
+def make_dataset(name: str, root: str, resolution: int | None, channels: int) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name](root, resolution, channels)
+
+
+def check_fits(ds: Dataset, resolution: int, channels: int, name: str) -> None:
+    """Data resolution and channels must match the teacher's."""
+    x = ds[0][0]
+    if tuple(x.shape) != (channels, resolution, resolution):
+        raise DataError(
+            f"dataset {name!r} gives images of shape {tuple(x.shape)} but the teacher expects "
+            f"({channels}, {resolution}, {resolution})"
+        )
+
+
+class StepBatchSampler(Sampler):
+    """Infinite batches for micro-step ``m = start, start+1, ...``: global indices
+    ``[m B, (m+1) B)`` of the stream of per-epoch permutations (seeded by ``seed + epoch``), this rank's slice.
+
+    The position is a pure function of the micro-step, so a resumed run sees exactly the data an
+    uninterrupted one would.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"global micro-batch {global_batch} is not divisible by {world} processes")
+        self.n, self.gb, self.seed, self.start, self.rank, self.world = n, global_batch, seed, start, rank, world
+        self._perm_epoch, self._perm = -1, None
+
+    def _perm_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def batch(self, m: int) -> list[int]:
+        per = self.gb // self.world
+        lo = m * self.gb + self.rank * per
+        out = []
+        for i in range(lo, lo + per):
+            out.append(int(self._perm_for(i // self.n)[i % self.n]))
+        return out
+
+    def __iter__(self):
+        m = self.start
+        while True:
+            yield self.batch(m)
+            m += 1
+
+    def __len__(self):  # effectively infinite
+        return 2**62

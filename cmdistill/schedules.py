@@ -1,0 +1,170 @@
+"""Noise-level grids, DDPM sigma tables, pair sampling and N curricula.
+
+Everything is in EDM (variance-exploding) space: ``x_sigma = x0 + sigma * z``.
+Grids are **descending**: ``grid[0]`` is the largest sigma.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+# --------------------------------------------------------------------------- DDPM tables
+
+
+def ddpm_betas(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas=None,
+) -> torch.Tensor:
+    """Betas exactly as diffusers' ``DDPMScheduler`` builds them (float32, its precision)."""
+    n = num_train_timesteps
+    if trained_betas is not None:
+        return torch.tensor(trained_betas, dtype=torch.float32)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal (2021), eq. 17, capped at 0.999 as diffusers does.
+        def abar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)],
+                            dtype=torch.float32)
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, n)) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"unsupported beta_schedule {beta_schedule!r}")
+
+
+def vp_sigmas_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """DDPM table to EDM sigmas: ``sigma_t = sqrt((1 - abar_t) / abar_t)`` (EDM Table 1, VP column).
+
+    ``abar`` is the float32 cumulative product diffusers uses, so tables match its schedulers bit for bit;
+    the square root is taken in float64.
+    """
+    abar = torch.cumprod(1.0 - betas.float(), dim=0).double()
+    return ((1.0 - abar) / abar).sqrt()
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def karras_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5: ``n`` sigmas from ``sigma_max`` down to ``sigma_min`` (descending)."""
+    if n < 2:
+        raise ValueError("a Karras grid needs n >= 2")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv = 1.0 / rho
+    s = (sigma_max**inv + ramp * (sigma_min**inv - sigma_max**inv)) ** rho
+    return s.float()
+
+
+def teacher_grid(table: torch.Tensor, skip: int) -> torch.Tensor:
+    """The teacher's own discrete sigmas at ``t = T-1, T-1-k, ...`` (LCM's skipping-step grid), descending."""
+    if skip < 1:
+        raise ValueError("skip must be >= 1")
+    idx = torch.arange(len(table) - 1, -1, -skip)
+    return table[idx].float()
+
+
+def append_zero(grid: torch.Tensor) -> torch.Tensor:
+    """Append a final ``sigma = 0`` so a sampler ends on the denoised image."""
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+# --------------------------------------------------------------------------- pair sampling
+
+
+def uniform_pair_probs(grid: torch.Tensor) -> torch.Tensor:
+    """Uniform over the ``N-1`` adjacent intervals (CM Algorithm 2)."""
+    return torch.full((len(grid) - 1,), 1.0 / (len(grid) - 1))
+
+
+def lognormal_pair_probs(grid: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """iCT's discretised lognormal (Song & Dhariwal 2023, Sec. 3.5): mass of ``ln sigma ~ N(P_mean, P_std^2)``
+    between the two ends of each interval."""
+    log_s = grid.double().log()
+    cdf = torch.special.erf((log_s - p_mean) / (math.sqrt(2.0) * p_std))
+    p = (cdf[:-1] - cdf[1:]).clamp_min(0)
+    if p.sum() <= 0:
+        return uniform_pair_probs(grid)
+    return (p / p.sum()).float()
+
+
+PAIR_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "uniform": uniform_pair_probs,
+    "lognormal": lognormal_pair_probs,
+}
+
+
+def sample_pairs(grid: torch.Tensor, probs: torch.Tensor, batch: int, generator=None):
+    """Draw ``batch`` interval indices ``n`` and return ``(sigma_hi, sigma_lo) = (grid[n], grid[n+1])``."""
+    n = torch.multinomial(probs, batch, replacement=True, generator=generator)
+    return grid[n], grid[n + 1]
+
+
+# --------------------------------------------------------------------------- N curricula
+
+
+def constant_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -> int:
+    """The fixed ``N`` of CM's CD: always ``n_end``."""
+    return n_end
+
+
+def ict_exponential_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -> int:
+    """iCT eq. (6): ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with ``K' = floor(K / (log2(s1/s0) + 1))``."""
+    k_prime = max(1, math.floor(total_steps / (math.log2(max(n_end, n_start) / n_start) + 1)))
+    return min(n_start * 2 ** (step // k_prime), n_end) + 1
+
+
+CURRICULA: dict[str, Callable[[int, int, int, int], int]] = {
+    "constant": constant_curriculum,
+    "ict_exponential": ict_exponential_curriculum,
+}
+
+
+class PairSchedule:
+    """Everything that picks ``(sigma_hi, sigma_lo)`` for a training step, built from the recipe:
+    a grid (``karras`` with N from a curriculum, or the ``teacher``'s own grid with skip k) and a pair
+    distribution (``uniform`` or ``lognormal``)."""
+
+    def __init__(self, grid: str, sigma_min: float, sigma_max: float, num_scales: int, rho: float = 7.0,
+                 curriculum: str = "constant", num_scales_start: int = 10, total_steps: int = 1,
+                 pairs: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0, table=None, skip: int = 1):
+        if grid not in ("karras", "teacher"):
+            raise ValueError(f"unknown grid {grid!r}")
+        if grid == "teacher" and table is None:
+            raise ValueError("grid 'teacher' needs a teacher with a discrete sigma table (a DDPM teacher)")
+        if curriculum not in CURRICULA:
+            raise ValueError(f"unknown curriculum {curriculum!r}; choose one of {sorted(CURRICULA)}")
+        if pairs not in PAIR_SAMPLERS:
+            raise ValueError(f"unknown pair sampling {pairs!r}; choose one of {sorted(PAIR_SAMPLERS)}")
+        self.grid, self.sigma_min, self.sigma_max, self.rho = grid, sigma_min, sigma_max, rho
+        self.num_scales, self.num_scales_start, self.curriculum = num_scales, num_scales_start, curriculum
+        self.total_steps, self.pairs, self.p_mean, self.p_std = total_steps, pairs, p_mean, p_std
+        self.table, self.skip = table, skip
+        self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def num_points(self, step: int) -> int:
+        return CURRICULA[self.curriculum](step, self.total_steps, self.num_scales_start, self.num_scales)
+
+    def grid_and_probs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_points(step) if self.grid == "karras" else -1
+        if self._cache is None or self._cache[0] != n:
+            if self.grid == "karras":
+                g = karras_grid(n, self.sigma_min, self.sigma_max, self.rho)
+            else:
+                g = teacher_grid(self.table.cpu(), self.skip)
+            kw = {"p_mean": self.p_mean, "p_std": self.p_std} if self.pairs == "lognormal" else {}
+            self._cache = (n, g, PAIR_SAMPLERS[self.pairs](g, **kw))
+        return self._cache[1], self._cache[2]
+
+    def sample(self, batch: int, step: int, device=None):
+        """``(sigma_hi, sigma_lo)``, each ``[batch]`` fp32 on ``device`` (CM Algorithm 2, line 3)."""
+        grid, probs = self.grid_and_probs(step)
+        hi, lo = sample_pairs(grid, probs, batch)
+        return hi.to(device), lo.to(device)
