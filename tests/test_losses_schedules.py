@@ -1,0 +1,78 @@
+"""Distances, weightings, grids, pair sampling and curricula against their formulas."""
+import math
+
+import pytest
+import torch
+
+from cmdistill.losses import LPIPSDistance, PseudoHuber, get_weighting, make_distance
+from cmdistill.schedules import (PairSchedule, ict_exponential_curriculum, karras_grid, lognormal_pair_probs,
+                                 teacher_grid, vp_sigmas_from_betas, ddpm_betas)
+
+
+def test_pseudo_huber_formula_and_default_c():
+    a, b = torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
+    b[0, 0, 0, 0] = 0.1
+    c = 0.00054 * math.sqrt(3 * 64)
+    out = PseudoHuber()(a, b)
+    assert torch.allclose(out, torch.tensor([math.sqrt(0.01 + c * c) - c, 0.0]))
+    assert torch.allclose(make_distance("l2")(a, b), torch.tensor([0.01 / 192, 0.0]))
+    assert torch.allclose(make_distance("l1")(a, b), torch.tensor([0.1 / 192, 0.0]))
+
+
+def test_lpips_random_backbone_offline():
+    d = LPIPSDistance("vgg", resize=32, pretrained_backbone=False)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    y = x.clone()
+    y[1] += 0.5
+    out = d(x, y)
+    assert out.shape == (2,) and out[0].abs() < 1e-6 and out[1] > 0
+    assert d.prepare(x).shape == (2, 3, 32, 32)
+
+
+def test_weightings():
+    hi, lo = torch.tensor([2.0, 1.0]), torch.tensor([1.5, 0.5])
+    assert torch.equal(get_weighting("uniform")(hi, lo), torch.ones(2))
+    assert torch.allclose(get_weighting("inv_delta")(hi, lo), torch.tensor([2.0, 2.0]))
+    with pytest.raises(ValueError):
+        get_weighting("nope")
+
+
+def test_karras_grid_endpoints_and_rho():
+    g = karras_grid(18, 0.01, 157.4, 7.0)
+    assert len(g) == 18 and abs(g[0] - 157.4) < 1e-3 and abs(g[-1] - 0.01) < 1e-6
+    assert torch.all(g[:-1] > g[1:])
+    mid = (157.4 ** (1 / 7) + 0.5 * (0.01 ** (1 / 7) - 157.4 ** (1 / 7))) ** 7
+    assert abs(karras_grid(3, 0.01, 157.4)[1].item() - mid) < 1e-4
+
+
+def test_teacher_grid_skip():
+    table = vp_sigmas_from_betas(ddpm_betas())
+    g = teacher_grid(table, 20)
+    assert len(g) == 50 and torch.allclose(g[0], table[999].float()) and torch.allclose(g[-1], table[19].float())
+
+
+def test_lognormal_probs_follow_the_normal_cdf():
+    g = karras_grid(40, 0.002, 80.0)
+    p = lognormal_pair_probs(g, -1.1, 2.0)
+    assert abs(p.sum().item() - 1) < 1e-6
+    # most mass near exp(-1.1) ~ 0.33
+    centre = math.log(0.33)
+    best = int(p.argmax())
+    assert math.log(g[best + 1]) - 0.5 < centre < math.log(g[best]) + 0.5
+
+
+def test_ict_curriculum_doubles():
+    K = 1000
+    ns = [ict_exponential_curriculum(k, K, 10, 1280) for k in (0, K // 8, K // 2, K - 1)]
+    assert ns[0] == 11 and ns[-1] == 1281 and ns == sorted(ns)
+
+
+def test_pair_schedule_samples_adjacent_pairs():
+    torch.manual_seed(0)
+    ps = PairSchedule("karras", 0.01, 157.4, 10)
+    hi, lo = ps.sample(1000, 0)
+    grid = karras_grid(10, 0.01, 157.4)
+    idx = torch.searchsorted(-grid, -hi)
+    assert torch.allclose(grid[idx], hi) and torch.allclose(grid[idx + 1], lo)
+    counts = torch.bincount(idx, minlength=9)
+    assert counts.min() > 60  # uniform over 9 intervals
