@@ -79,6 +79,8 @@ class DDPMDenoiser(Denoiser):
     def __init__(self, net: nn.Module, scheduler_config: dict[str, Any], strict_range: bool = True):
         super().__init__(net, strict_range)
         cfg = dict(scheduler_config)
+        if "num_train_timesteps" not in cfg and "timesteps" in cfg:  # pre-0.3 diffusers configs
+            cfg["num_train_timesteps"] = cfg["timesteps"]
         betas = ddpm_betas(
             cfg.get("num_train_timesteps", 1000),
             cfg.get("beta_start", 1e-4),
@@ -214,7 +216,7 @@ def _resolve_folder(path_or_id: str) -> Path:
 def find_teacher_layout(folder: Path) -> tuple[Path, Path]:
     """Return ``(model_dir, scheduler_config_file)`` for the DDPMPipeline layout (model_index.json, unet/,
     scheduler/) or the flat layout of ``google/ddpm-cifar10-32`` (config.json + scheduler_config.json)."""
-    if (folder / "model_index.json").exists():
+    if (folder / "model_index.json").exists() and (folder / "unet" / "config.json").exists():
         model_dir, sched = folder / "unet", folder / "scheduler" / "scheduler_config.json"
     else:
         model_dir, sched = folder, folder / "scheduler_config.json"

@@ -102,6 +102,20 @@ def test_load_both_layouts(tmp_path, layout):
     assert den(x, torch.tensor([1.0, 2.0])).shape == x.shape
 
 
+def test_old_style_flat_config(tmp_path):
+    """google/ddpm-cifar10-32's root scheduler_config.json predates num_train_timesteps."""
+    import json
+
+    folder = save_teacher(tmp_path / "old", tiny_unet(), layout="flat")
+    (folder / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "GaussianDDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+        "beta_start": 0.0001, "timesteps": 1000, "variance_type": "fixed_large"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))  # but no unet/
+    den = load_teacher(str(folder))
+    assert isinstance(den, DDPMDenoiser) and len(den.sigma_table) == 1000
+    assert abs(den.sigma_max - 157.4) < 0.1
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(TeacherLoadError, match="does not exist"):
         load_teacher(str(tmp_path / "nope"))
