@@ -14,8 +14,11 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, dump_recipe, load_recipe
 from .data import DataError
 from .denoisers import TeacherLoadError
+from .evaluate import EvalError
+from .features import FeatureNetError
+from .generate import SampleError
 
-USER_ERRORS = (ConfigError, TeacherLoadError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, TeacherLoadError, DataError, CheckpointError, SampleError, EvalError, FeatureNetError)
 
 
 def _user_errors():
@@ -80,6 +83,132 @@ def distill(recipe, output_dir, overrides, resume, overwrite, dry_run):
     from .train import distill as run
 
     run(r, output_dir, resume=resume, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- sampling and evaluation
+
+
+def _parse_sigmas(text):
+    if text is None:
+        return None
+    try:
+        return [float(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {text!r}", param_hint="--sigmas")
+
+
+@main.command()
+@click.option("--student", type=click.Path(file_okay=False), default=None,
+              help="Saved ConsistencyPipeline folder (default: the newest */student under ./runs).")
+@click.option("--teacher", default=None, metavar="DIR_OR_ID", help="Sample this diffusers teacher instead.")
+@click.option("--sampler", type=click.Choice(["ddim", "heun", "euler"]), default="ddim", show_default=True,
+              help="Teacher ODE sampler (with --teacher).")
+@click.option("--spacing", type=click.Choice(["leading", "trailing", "linspace"]), default=None,
+              help="Teacher timestep spacing (default: its scheduler's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Network evaluations / steps (default: 1 for the student, 50 for a teacher).")
+@click.option("--sigmas", default=None, metavar="S1,S2,…", help="Student noise levels, descending (sets --steps).")
+@click.option("--num", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: <run>/generated/<sampler tag>).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@friendly_errors
+def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, batch_size, device):
+    """Sample the newest distilled student (CM Algorithm 1) or a teacher; write PNGs, grid.png, samples.npz."""
+    from pathlib import Path
+
+    import torch
+
+    from . import generate as G
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sig = _parse_sigmas(sigmas)
+    if teacher is not None:
+        from .denoisers import load_teacher
+
+        if sig is not None:
+            raise G.SampleError("--sigmas applies to the student; the teacher uses its own timesteps")
+        steps = steps or 50
+        den = load_teacher(teacher).to(device)
+        x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing)
+        tag, meta = f"teacher-{sampler}{steps}-seed{seed}", {"teacher": teacher, "sampler": sampler,
+                                                              "spacing": spacing}
+        base = Path("generated")
+    else:
+        if student is None:
+            student = G.find_latest_student()
+            click.echo(f"using student {student} (newest under ./{G.RUNS_ROOT})")
+        if sig is not None and steps is not None and steps != len(sig):
+            raise G.SampleError(f"--steps {steps} does not match the {len(sig)} values of --sigmas")
+        pipe = G.load_student(student, device)
+        try:
+            x, sig = G.sample_student(pipe, num, steps or 1, sig, seed, batch_size)
+        except ValueError as e:
+            raise G.SampleError(str(e)) from e
+        steps = len(sig)
+        tag, meta = f"student-{steps}step-seed{seed}", {"student": str(student), "sigmas": sig}
+        base = Path(student).parent / "generated"
+    meta.update(steps=steps, seed=seed, num=num)
+    folder = G.write_samples(x, Path(out) if out else base / tag, meta)
+    click.echo(f"wrote {num} images, grid.png and samples.npz to {folder}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--num", "-n", type=click.IntRange(min=2), default=None, help="Samples per sampler (eval.num_samples).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (eval.batch_size).")
+@click.option("--feature-net", type=click.Choice(["inception", "digits"]), default=None,
+              help="FID features (eval.feature_net).")
+@click.option("--teacher", default=None, metavar="DIR_OR_ID", help="Teacher (default: teacher.path of the run).")
+@click.option("--teacher-sampler", type=click.Choice(["ddim", "heun", "euler"]), default="ddim", show_default=True)
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--teacher-spacing", type=click.Choice(["trailing", "leading", "linspace"]), default="trailing",
+              show_default=True, help="Timestep spacing of the teacher samplers.")
+@click.option("--max-steps", type=click.IntRange(1, 8), default=4, show_default=True,
+              help="Evaluate the student and teacher DDIM at 1…K steps.")
+@click.option("--search-sigmas", is_flag=True, help="Pick the 2…K-step sigmas by FID and store them in the student.")
+@click.option("--search-num", type=click.IntRange(min=2), default=None, help="Samples per search trial (≤ 500).")
+@click.option("--search-candidates", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when its weights are cached.")
+@friendly_errors
+def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, teacher_steps, teacher_spacing,
+             max_steps, search_sigmas, search_num, search_candidates, seed, device, no_lpips):
+    """FID of the student at 1…K steps, of the teacher's DDIM-k and 50-step samplers, paired distances to the
+    teacher from the same noise, images/s; writes report.json, report.md and side_by_side.png in RUN_DIR
+    (default: the newest run under ./runs)."""
+    from pathlib import Path
+
+    from . import generate as G
+    from .evaluate import evaluate as run
+
+    if run_dir is None:
+        run_dir = G.find_latest_student().parent
+        click.echo(f"evaluating {run_dir} (newest run under ./{G.RUNS_ROOT})")
+    run(Path(run_dir), num, batch_size, max_steps, teacher_steps, teacher_sampler, teacher_spacing, feature_net,
+        teacher, search_sigmas, search_num, search_candidates, seed, device, not no_lpips, echo=click.echo)
+
+
+@main.command("train-classifier")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="recipes/teachers/digits/classifier",
+              show_default=True, help="Folder for model.safetensors + config.json.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def train_classifier(out, epochs, seed):
+    """Train the digits CNN whose penultimate features give FID on 8x8 digits (eval.feature_net=digits)."""
+    from .data import digits_dataset
+    from .features import ClassifierFeatures, real_vs_real_fid, save_classifier, train_digits_classifier
+
+    clf, metrics = train_digits_classifier(epochs=epochs, seed=seed)
+    metrics["fid_floor_real_vs_real"] = real_vs_real_fid(ClassifierFeatures(clf), digits_dataset("").tensors[0])
+    save_classifier(clf, out, metrics)
+    click.echo(f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['num_test']} held-out digits), "
+               f"train {metrics['train_accuracy']:.4f}; real-vs-real FID floor "
+               f"{metrics['fid_floor_real_vs_real']:.3f}; saved to {out}")
 
 
 if __name__ == "__main__":

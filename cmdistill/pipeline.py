@@ -4,19 +4,28 @@ Its only component is the student network; its config holds everything sampling 
 adapter (kind + noise table / beta config + prediction type), the boundary condition (sigma_min,
 sigma_max, sigma_data) and the default multistep sigmas. Needs neither accelerate nor cmdistill's
 training code.
+
+Loading: ``ConsistencyPipeline.from_pretrained(dir_or_hub_id)``. diffusers' own
+``DiffusionPipeline.from_pretrained(dir)`` resolves ``model_index.json``'s ``_class_name`` with
+``getattr(diffusers, "ConsistencyPipeline")``, which raises ``AttributeError`` for a class diffusers does not
+ship; importing cmdistill registers the class on the ``diffusers`` module (:func:`register_with_diffusers`), so
+after ``import cmdistill`` that call returns a ``ConsistencyPipeline`` too, with no remote code.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import math
+from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .consistency import ConsistencyFunction
 from .denoisers import build_denoiser
-from .sample import default_multistep_sigmas, sample_consistency
+from .sample import default_multistep_sigmas
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+Generator = Union[torch.Generator, list[torch.Generator], None]
 
 
 class ConsistencyPipeline(DiffusionPipeline):
@@ -58,6 +67,8 @@ class ConsistencyPipeline(DiffusionPipeline):
             self._fn_cache = (id(self.unet), fn)
         return self._fn_cache[1]
 
+    # ------------------------------------------------------------------ sigmas
+
     def sigmas_for(self, steps: int) -> list[float]:
         """The stored multistep sigmas for ``steps``, else the default schedule."""
         stored = self.config.multistep_sigmas or {}
@@ -66,30 +77,85 @@ class ConsistencyPipeline(DiffusionPipeline):
         fn = self.consistency_function
         return default_multistep_sigmas(fn.sigma_min, fn.sigma_max, steps)
 
+    def check_sigmas(self, sigmas: Sequence[float]) -> list[float]:
+        """``sigmas`` as floats: non-empty, strictly descending, inside ``(sigma_min, sigma_max]``."""
+        fn = self.consistency_function
+        sigmas = [float(s) for s in sigmas]
+        if not sigmas:
+            raise ValueError("sigmas must hold at least one noise level")
+        if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"sigmas must be strictly descending, got {sigmas}")
+        if sigmas[-1] <= fn.sigma_min or sigmas[0] > fn.sigma_max * (1 + 1e-6):
+            raise ValueError(f"sigmas must lie in ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], got {sigmas}")
+        return sigmas
+
+    def set_multistep_sigmas(self, table: dict) -> None:
+        """Replace the stored ``{steps: sigmas}`` table (e.g. after ``cmdistill evaluate --search-sigmas``);
+        ``save_pretrained`` then writes it to ``model_index.json``."""
+        merged = dict(self.config.multistep_sigmas or {})
+        for k, v in table.items():
+            sig = self.check_sigmas(v)
+            if len(sig) != int(k):
+                raise ValueError(f"{k}-step sigmas must hold {k} values, got {sig}")
+            merged[str(int(k))] = sig
+        self.register_to_config(multistep_sigmas=dict(sorted(merged.items(), key=lambda kv: int(kv[0]))))
+
+    # ------------------------------------------------------------------ sampling
+
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, sigmas: Optional[Sequence[float]] = None,
-                 generator: Optional[torch.Generator] = None, output_type: str = "pil", return_dict: bool = True):
-        """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations (or ``len(sigmas)``).
+                 generator: Generator = None, latents: Optional[torch.Tensor] = None, output_type: str = "pil",
+                 return_dict: bool = True):
+        """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations (CM Algorithm 1).
 
-        ``output_type``: ``"pil"`` (list of PIL images), ``"np"`` (NHWC float in [0, 1]) or ``"pt"``
-        (NCHW float in [0, 1]).
+        ``sigmas`` (descending, ``sigmas[0]`` usually ``sigma_max``) overrides the stored schedule and sets the
+        number of steps. ``latents``: the unit-Gaussian starting noise ``z`` (``[B, C, H, W]``); default drawn
+        from ``generator`` (a generator or one per image, as in diffusers). ``output_type``: ``"pil"`` (list of
+        PIL images), ``"np"`` (NHWC float in [0, 1]), ``"pt"`` (NCHW float in [0, 1]) or ``"latent"`` (the raw
+        NCHW sample in model space, nominally [-1, 1], unclamped).
         """
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         fn = self.consistency_function
-        sigmas = list(sigmas) if sigmas is not None else self.sigmas_for(num_inference_steps)
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
-        x = sample_consistency(fn, noise, sigmas, generator=generator)
-        images = (x / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            out: Any = images
+        sigmas = self.check_sigmas(sigmas if sigmas is not None else self.sigmas_for(num_inference_steps))
+        device = self._execution_device
+        if latents is None:
+            cfg = self.unet.config
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            latents = randn_tensor((batch_size, cfg.in_channels, size, size), generator=generator, device=device,
+                                   dtype=torch.float32)
+        x = self.multistep(fn, latents.to(device, torch.float32), sigmas, generator)
+        if output_type == "latent":
+            out: Any = x
         else:
-            out = images.cpu().permute(0, 2, 3, 1).float().numpy()
+            images = (x / 2 + 0.5).clamp(0, 1)
+            out = images if output_type == "pt" else images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 out = self.numpy_to_pil(out)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+    def multistep(self, fn, z: torch.Tensor, sigmas: list[float], generator: Generator = None) -> torch.Tensor:
+        """CM Algorithm 1: ``x = f(sigmas[0] z, sigmas[0])``; for each next ``tau``:
+        ``x = f(x + sqrt(tau^2 - sigma_min^2) z', tau)`` with fresh noise ``z'`` from ``generator``."""
+        x = fn(z * sigmas[0], sigmas[0])
+        for tau in sigmas[1:]:
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = fn(x + math.sqrt(max(tau**2 - fn.sigma_min**2, 0.0)) * noise, tau)
+        return x
+
+
+def register_with_diffusers() -> None:
+    """Expose the class as ``diffusers.ConsistencyPipeline`` so ``DiffusionPipeline.from_pretrained(dir)`` finds
+    it (diffusers looks ``_class_name`` up on its own module); never overrides a class diffusers ships."""
+    import diffusers
+
+    try:
+        getattr(diffusers, ConsistencyPipeline.__name__)
+    except (AttributeError, ImportError, RuntimeError):
+        setattr(diffusers, ConsistencyPipeline.__name__, ConsistencyPipeline)
+
+
+register_with_diffusers()

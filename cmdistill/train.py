@@ -216,6 +216,10 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
         accelerator.print(f"student saved to {student_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if recipe.eval.at_end and accelerator.is_main_process:  # `cmdistill evaluate` on the finished run
+        from .evaluate import evaluate
+
+        evaluate(out)
     return student_dir
 
 

@@ -1,0 +1,243 @@
+"""Feature networks for FID and the FID meter built on torchmetrics' ``FrechetInceptionDistance``.
+
+Registry keyed by ``eval.feature_net``: ``inception`` (Inception-v3 pool features through torch-fidelity, the
+standard FID; a one-time weight download) and ``digits`` (the penultimate layer of a small CNN trained here on
+scikit-learn's 8x8 digits: offline, seconds on CPU). Any ``nn.Module`` mapping images in [0, 1] to
+``[B, num_features]`` can be passed instead (torchmetrics' custom-feature API).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+CLASSIFIER_WEIGHTS = "model.safetensors"
+CLASSIFIER_CONFIG = "config.json"
+SHIPPED_CLASSIFIER = Path(__file__).resolve().parents[1] / "recipes" / "teachers" / "digits" / "classifier"
+CACHED_CLASSIFIER = Path(os.path.expanduser("~/.cache/cmdistill/digits-classifier"))
+
+
+class FeatureNetError(RuntimeError):
+    """A feature network for FID that cannot be built (missing package, weights not downloadable)."""
+
+
+# --------------------------------------------------------------------------- the digits classifier
+
+
+class DigitsClassifier(nn.Module):
+    """Small CNN for 1x8x8 digits in [-1, 1]: two 3x3 conv stages with max-pooling, a ``num_features``-wide
+    penultimate layer (the FID features) and a 10-way linear head."""
+
+    def __init__(self, width: int = 32, num_features: int = 64, dropout: float = 0.25):
+        super().__init__()
+        self.config = {"width": width, "num_features": num_features, "dropout": dropout}
+        self.num_features = num_features
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * 4, num_features), nn.ReLU(),
+        )
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(num_features, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer activations ``[B, num_features]`` of images in [-1, 1]."""
+        return self.body(x.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x)))
+
+
+class ClassifierFeatures(nn.Module):
+    """torchmetrics custom feature extractor: images in [0, 1] -> the classifier's penultimate features."""
+
+    def __init__(self, classifier: DigitsClassifier):
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.num_features = classifier.num_features
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x.float() * 2 - 1)
+
+
+def digits_split(test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed train/test indices into the 1797 digits (a seeded ``RandomState`` permutation, version-stable)."""
+    n = 1797
+    perm = np.random.RandomState(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (zero-padded with the background value -1)."""
+    b, _, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), value=-1.0)
+    dx, dy = torch.randint(0, 2 * p + 1, (2, b), generator=g)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+
+
+@torch.no_grad()
+def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    clf.eval()
+    return float((clf(x).argmax(1) == y).float().mean())
+
+
+def train_digits_classifier(epochs: int = 30, seed: int = 0, lr: float = 2e-3, batch_size: int = 64,
+                            progress: bool = True) -> tuple[DigitsClassifier, dict]:
+    """Train :class:`DigitsClassifier` on the fixed train split (Adam, cosine decay, +-1 px shifts); return it and
+    ``{"train_accuracy", "test_accuracy", ...}``. About ten seconds on two CPU cores."""
+    from .data import digits_dataset, digits_labels
+
+    x_all, y_all = digits_dataset("").tensors[0], digits_labels()
+    tr, te = digits_split()
+    x_tr, y_tr, x_te, y_te = x_all[tr], y_all[tr], x_all[te], y_all[te]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    clf = DigitsClassifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    steps = epochs * ((len(x_tr) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in tqdm(range(epochs), desc="train digits classifier", disable=not progress, leave=False):
+        clf.train()
+        perm = torch.randperm(len(x_tr), generator=g)
+        for i in range(0, len(x_tr), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(clf(_shift(x_tr[idx], g)), y_tr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    clf.eval()
+    metrics = {"train_accuracy": accuracy(clf, x_tr, y_tr), "test_accuracy": accuracy(clf, x_te, y_te),
+               "num_train": len(tr), "num_test": len(te), "split": "RandomState(0) permutation, 25% test",
+               "epochs": epochs, "seed": seed}
+    return clf, metrics
+
+
+def save_classifier(clf: DigitsClassifier, folder: str | Path, metrics: dict | None = None) -> Path:
+    """``model.safetensors`` + ``config.json`` (architecture, metrics)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / CLASSIFIER_WEIGHTS))
+    cfg = {"_class_name": "DigitsClassifier", **clf.config, "input": "1x8x8 in [-1, 1]", **(metrics or {})}
+    (folder / CLASSIFIER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def load_classifier(folder: str | Path) -> tuple[DigitsClassifier, dict]:
+    """Inverse of :func:`save_classifier`."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / CLASSIFIER_CONFIG).read_text())
+        state = load_file(str(folder / CLASSIFIER_WEIGHTS))
+    except (OSError, json.JSONDecodeError) as e:
+        raise FeatureNetError(f"cannot read the digits classifier in {folder}: {e}") from e
+    clf = DigitsClassifier(cfg["width"], cfg["num_features"], cfg["dropout"])
+    clf.load_state_dict(state)
+    return clf.eval(), cfg
+
+
+def find_digits_classifier(search: Iterable[str | Path] = ()) -> Path | None:
+    """First folder holding a classifier among ``search`` (e.g. ``<teacher>/classifier``),
+    ``$CMDISTILL_DIGITS_CLASSIFIER``, the repository's ``recipes/teachers/digits/classifier`` and the cache."""
+    env = os.environ.get("CMDISTILL_DIGITS_CLASSIFIER")
+    for folder in [*search, *([env] if env else []), SHIPPED_CLASSIFIER, CACHED_CLASSIFIER]:
+        if folder and (Path(folder) / CLASSIFIER_WEIGHTS).is_file():
+            return Path(folder)
+    return None
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def digits_features(search: Iterable[str | Path] = ()) -> nn.Module:
+    """The shipped digits classifier's features; trained once into the cache when none is found."""
+    folder = find_digits_classifier(search)
+    if folder is None:
+        print(f"cmdistill: no digits classifier found; training one into {CACHED_CLASSIFIER} (seconds)")
+        clf, metrics = train_digits_classifier()
+        folder = save_classifier(clf, CACHED_CLASSIFIER, metrics)
+    clf, _ = load_classifier(folder)
+    return ClassifierFeatures(clf)
+
+
+def inception_fid() -> "FrechetInceptionDistance":  # noqa: F821
+    """Standard FID: Inception-v3 2048-d pool features (torch-fidelity's port of the TF weights)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        return FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False)
+    except ModuleNotFoundError as e:
+        raise FeatureNetError("Inception FID needs torch-fidelity (pip install torch-fidelity) and a one-time "
+                              "weight download; offline, use eval.feature_net=digits") from e
+    except Exception as e:  # the weights are downloaded on first use
+        raise FeatureNetError(f"cannot download the Inception weights for FID ({type(e).__name__}); are you "
+                              "offline? Run once with network access, or use eval.feature_net=digits") from e
+
+
+FEATURE_NETS: dict[str, Callable[..., nn.Module]] = {"digits": digits_features}
+BUILTIN_FIDS: dict[str, Callable[[], nn.Module]] = {"inception": inception_fid}
+
+
+def make_fid(feature_net: str | nn.Module, search: Iterable[str | Path] = ()):
+    """A ``FrechetInceptionDistance`` (real statistics kept across resets) for a registry name or a module."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if isinstance(feature_net, str):
+        if feature_net in BUILTIN_FIDS:
+            return BUILTIN_FIDS[feature_net]()
+        if feature_net not in FEATURE_NETS:
+            raise FeatureNetError(f"unknown feature net {feature_net!r}; choose one of "
+                                  f"{sorted([*FEATURE_NETS, *BUILTIN_FIDS])}")
+        feature_net = FEATURE_NETS[feature_net](search)
+    return FrechetInceptionDistance(feature=feature_net, normalize=True, reset_real_features=False)
+
+
+class FIDMeter:
+    """Real statistics computed once, then the FID of any number of sample sets (images in [-1, 1])."""
+
+    def __init__(self, feature_net: str | nn.Module, device="cpu", batch_size: int = 250,
+                 search: Iterable[str | Path] = ()):
+        self.metric = make_fid(feature_net, search).to(device)
+        self.rgb = not self.metric.used_custom_model  # Inception wants 3 channels
+        self.device, self.batch_size = device, batch_size
+
+    def _update(self, images: torch.Tensor, real: bool) -> None:
+        for i in range(0, len(images), self.batch_size):
+            x = ((images[i:i + self.batch_size].float() + 1) / 2).clamp(0, 1).to(self.device)
+            if self.rgb and x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            self.metric.update(x, real=real)
+
+    def add_real(self, images: torch.Tensor) -> "FIDMeter":
+        self._update(images, real=True)
+        return self
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """FID of ``images`` against the real statistics."""
+        self.metric.reset()  # keeps the real statistics
+        self._update(images, real=False)
+        return float(self.metric.compute())
+
+
+def real_vs_real_fid(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",
+                     search: Iterable[str | Path] = ()) -> float:
+    """The FID floor: FID between two disjoint random halves of the real data (same feature network)."""
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    half = len(images) // 2
+    meter = FIDMeter(feature_net, device, search=search).add_real(images[perm[:half]])
+    return meter(images[perm[half:2 * half]])
