@@ -1,13 +1,40 @@
-"""Atomic checkpoints through accelerate's ``save_state``: written to a temporary folder, flushed, then
-renamed; the last ``keep`` are kept; the resolved recipe is stored inside each one."""
+"""Atomic, verifiable checkpoints through accelerate's ``save_state``.
+
+A checkpoint is a folder ``checkpoints/step_N`` holding
+
+* accelerate's own files: the student (``model.safetensors``), the optimiser (``optimizer.bin``) and the
+  Python / NumPy / torch RNG states (``random_states_<rank>.pkl``); accelerate reads its ``.bin``/``.pkl``
+  files with ``torch.load(weights_only=True)``;
+* cmdistill's own files, never pickles: the other networks (target, evaluation EMA) as
+  ``<name>.safetensors``, every generator state a run draws from as ``rng_state_<rank>.safetensors``, and
+  the counters (step, LR schedule, ...) as ``train_state.json``;
+* the run's resolved ``recipe.yaml`` and a ``manifest.json`` with the size and SHA-256 of every file.
+
+It is written into ``checkpoints/.tmp-step_N``, every file and the folder are fsync'ed, then the folder is
+renamed to ``step_N`` (atomic) and the parent folder fsync'ed: a kill at any moment leaves either the complete
+new checkpoint or none, and the previous ones untouched. The last ``keep`` are kept. Before resuming, the
+manifest is checked, so a truncated or corrupt checkpoint is refused with one line instead of being half-loaded.
+
+Nothing here uses accelerate's ``register_for_checkpointing``: it reloads with ``weights_only=False``
+(arbitrary pickles).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+import torch
+
 CKPT_RE = re.compile(r"^step_(\d+)$")
+FORMAT = 1
+MANIFEST = "manifest.json"
+STATE_FILE = "train_state.json"
+# written by accelerate's save_state for a single-model, single-optimiser, non-sharded run
+ACCELERATE_FILES = ("model.safetensors", "optimizer.bin")
 
 
 class CheckpointError(RuntimeError):
@@ -15,7 +42,8 @@ class CheckpointError(RuntimeError):
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints, oldest first (temporary ``.tmp-*`` folders of interrupted saves are ignored)."""
+    ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()]
@@ -23,27 +51,143 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def resolve_resume(arg: str, output_dir: Path) -> Path:
-    """``latest`` -> the newest complete checkpoint of ``output_dir``; otherwise a checkpoint folder."""
+    """``latest`` -> the newest checkpoint of ``output_dir``; a run folder -> its newest; else a checkpoint folder."""
+    output_dir = Path(output_dir)
     if arg == "latest":
         ckpts = list_checkpoints(output_dir / "checkpoints")
         if not ckpts:
             raise CheckpointError(f"--resume latest: no checkpoint in {output_dir / 'checkpoints'}")
         return ckpts[-1]
-    p = Path(arg)
+    p = Path(os.path.expanduser(arg))
     if not p.is_dir():
         raise CheckpointError(f"--resume: checkpoint folder {arg!r} does not exist")
+    if not (p / MANIFEST).exists() and (p / "checkpoints").is_dir():
+        ckpts = list_checkpoints(p / "checkpoints")
+        if not ckpts:
+            raise CheckpointError(f"--resume: no checkpoint in {p / 'checkpoints'}")
+        return ckpts[-1]
     return p
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                os.fsync(fh.fileno())
+# --------------------------------------------------------------------------- integrity
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, recipe_yaml: str, keep: int) -> Path | None:
-    """``accelerator.save_state`` into ``ckpt_dir/.tmp-step_N``, fsync, rename to ``step_N``; prune old ones."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    manifest = {"format": FORMAT, "step": step, "files": files}
+    with open(folder / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(path: Path, modules: tuple[str, ...] = (), num_processes: int = 1) -> dict:
+    """Check that ``path`` is a complete cmdistill checkpoint whose files match its manifest; return the manifest.
+
+    Raises :class:`CheckpointError` (one line) for a missing, truncated, corrupt or foreign checkpoint.
+    """
+    path = Path(path)
+    where = f"checkpoint {path}"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        int(manifest["step"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} is incomplete or not a cmdistill checkpoint (no {MANIFEST})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where} is corrupt: unreadable {MANIFEST} ({type(e).__name__})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where} has format {manifest.get('format')!r}; this cmdistill reads format {FORMAT}")
+    required = list(ACCELERATE_FILES) + [STATE_FILE] + [f"{m}.safetensors" for m in modules]
+    required += [f"rng_state_{r}.safetensors" for r in range(num_processes)]
+    for name in required:
+        if name not in files:
+            raise CheckpointError(f"{where} lacks {name} (made by another program or for another setup?)")
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{where} is incomplete: {name} is missing")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{where} is corrupt or truncated: {name} has {size} bytes, expected {meta['bytes']}")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{where} is corrupt: {name} does not match its checksum")
+    return manifest
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _remove_tree(p: Path) -> None:
+    """Rename out of the ``step_N`` namespace first, so a kill during removal never leaves a half checkpoint."""
+    trash = p.with_name(f".del-{p.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(p, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(ckpt_dir: Path) -> None:
+    """Remove leftovers (``.tmp-*``, ``.del-*``) of saves or prunes interrupted by a kill."""
+    if Path(ckpt_dir).is_dir():
+        for p in Path(ckpt_dir).iterdir():
+            if p.name.startswith((".tmp-", ".del-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, recipe_yaml: str, keep: int,
+                    modules: dict | None = None, counters: dict | None = None,
+                    rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save the run at ``step`` into ``ckpt_dir/step_N`` atomically; prune to the last ``keep``.
+
+    ``modules``: extra networks saved as ``<name>.safetensors`` (main process); ``counters``: JSON-able
+    state (main process); ``rng``: this process's generator states (every process).
+    """
+    from safetensors.torch import save_file, save_model
+
+    ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
@@ -52,14 +196,48 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, recipe_yaml: str, ke
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if rng is not None:
+        save_file({k: v.contiguous() for k, v in rng.items()},
+                  str(tmp / f"rng_state_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, module in (modules or {}).items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        (tmp / STATE_FILE).write_text(json.dumps({"format": FORMAT, "step": step, **(counters or {})}, indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        _write_manifest(tmp, step)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): the old copy goes
+            _remove_tree(final)
         os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
         for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_tree(old)
+        _fsync_dir(ckpt_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, path: Path, modules: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore what :func:`save_checkpoint` wrote; return ``(counters, this process's rng tensors)``.
+
+    Only safe loaders run: safetensors, JSON, and (inside accelerate) ``torch.load(weights_only=True)``.
+    """
+    from safetensors.torch import load_file, load_model
+
+    path = Path(path)
+    try:
+        accelerator.load_state(str(path))
+        for name, module in (modules or {}).items():
+            load_model(module, str(path / f"{name}.safetensors"), strict=True, device=str(accelerator.device))
+        counters = json.loads((path / STATE_FILE).read_text())
+        rng = load_file(str(path / f"rng_state_{accelerator.process_index}.safetensors"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # a checkpoint that passed the manifest but does not fit this run
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"cannot restore checkpoint {path}: {type(e).__name__}: {msg}") from e
+    return counters, rng

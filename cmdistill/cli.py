@@ -2,6 +2,7 @@
 
 Errors a user can fix (bad recipe, teacher or data that cannot be loaded, output folder conflicts,
 bad checkpoints) are printed as one line on stderr with exit status 2; ``--debug`` shows the traceback.
+A run stopped by a non-finite loss (``train.on_nonfinite: stop``) exits with status 1. See docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def friendly_errors(fn):
         except _user_errors() as e:
             if debug:
                 raise
-            click.echo(f"cmdistill: error: {e}", err=True)
-            sys.exit(2)
+            msg = " ".join(str(e).split())  # always one line
+            click.echo(f"cmdistill: error: {msg}", err=True)
+            sys.exit(getattr(e, "exit_code", 2))
 
     return click.option("--debug", is_flag=True, help="Show full tracebacks.")(wrapper)
 
@@ -66,15 +68,21 @@ def main():
 @click.option("--resume", default=None, metavar="latest|PATH",
               help="Continue from the newest checkpoint of the run folder, or from a checkpoint folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a different run already in the output folder.")
+@click.option("--steps", type=int, default=None, metavar="N",
+              help="Optimiser steps to train for (overrides train.max_steps).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
 @friendly_errors
-def distill(recipe, output_dir, overrides, resume, overwrite, dry_run):
+def distill(recipe, output_dir, overrides, resume, overwrite, steps, dry_run):
     """Consistency-distil the recipe's teacher (CM Algorithm 2).
 
     Writes checkpoints, TensorBoard logs and sample grids under the run folder, and the student as a
     ConsistencyPipeline in <output_dir>/student.
     """
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be a positive number of optimiser steps, got {steps}")
     r = load_recipe(recipe, overrides)
+    if steps is not None:
+        r.train.max_steps = steps
     if output_dir:
         r.train.output_dir = output_dir
     if dry_run:

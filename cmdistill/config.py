@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class TrainConfig:
     sample_every: int = 5000               # PNG grid of 1-step samples
     num_sample_images: int = 64
     output_dir: str = "runs/cd"
+    on_nonfinite: str = "stop"            # non-finite loss/gradient: stop (name the step) | skip the step
 
 
 @dataclass
@@ -135,6 +137,7 @@ CHOICES = {
     "loss.weighting": ("uniform", "inv_delta"),
     "optim.name": ("radam", "adam", "adamw"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.on_nonfinite": ("stop", "skip"),
     "eval.feature_net": ("inception", "digits"),
 }
 POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip", "solver.substeps",
@@ -142,6 +145,11 @@ POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip",
             "train.keep_checkpoints", "train.log_every", "train.sample_every", "optim.lr", "eval.num_samples",
             "eval.batch_size"}
 UNIT_INTERVAL = {"student.target_decay", "student.ema_decay"}
+# > 0 when set (None allowed where the annotation is Optional)
+POSITIVE_OR_NONE = {"data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
+                    "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale"}
+NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
+                "student.ema_update_after_step", "student.ema_power"}
 
 
 def _type_ok(value: Any, tp) -> tuple[bool, Any]:
@@ -209,18 +217,42 @@ def validate(recipe: Recipe) -> Recipe:
             close = difflib.get_close_matches(str(v), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {v!r}{hint}")
+    for key, v in _flat_values(recipe):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"'{key}' must be a finite number, got {v!r}")
     for key in POSITIVE:
-        if get_key(recipe, key) <= 0:
+        if not get_key(recipe, key) > 0:
             raise ConfigError(f"'{key}' must be positive, got {get_key(recipe, key)!r}")
+    for key in POSITIVE_OR_NONE:
+        v = get_key(recipe, key)
+        if v is not None and not v > 0:
+            raise ConfigError(f"'{key}' must be positive (or null), got {v!r}")
+    for key in NON_NEGATIVE:
+        if not get_key(recipe, key) >= 0:
+            raise ConfigError(f"'{key}' must be >= 0, got {get_key(recipe, key)!r}")
     for key in UNIT_INTERVAL:
         v = get_key(recipe, key)
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"'{key}' must be in [0, 1), got {v!r}")
+    betas = recipe.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"'optim.betas' must be two numbers in [0, 1), got {betas!r}")
     if recipe.schedule.num_scales < 2:
         raise ConfigError("'schedule.num_scales' must be at least 2")
     if recipe.train.batch_size % recipe.train.grad_accum:
         raise ConfigError("'train.batch_size' must be divisible by 'train.grad_accum'")
     return recipe
+
+
+def _flat_values(obj, prefix: str = ""):
+    """``(dotted key, value)`` for every leaf of the recipe."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _flat_values(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", v
 
 
 def get_key(recipe: Recipe, dotted: str):
@@ -264,6 +296,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             raise ConfigError(f"recipe file {str(path)!r} not found")
         try:
             data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read recipe file {str(path)!r}: {type(e).__name__}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -44,13 +44,16 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            im = im.convert(self.mode)
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
-            a = np.asarray(im, dtype=np.float32) / 127.5 - 1
+        try:
+            with Image.open(self.files[i]) as im:
+                im = im.convert(self.mode)
+                w, h = im.size
+                s = min(w, h)
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
+                a = np.asarray(im, dtype=np.float32) / 127.5 - 1
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable or truncated files
+            raise DataError(f"cannot read image {str(self.files[i])!r}: {type(e).__name__}: {e}") from None
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         return (torch.from_numpy(np.ascontiguousarray(a)),)
 
@@ -58,6 +61,8 @@ class _ImageFiles(Dataset):
 def imagefolder_dataset(root: str, resolution: int | None = None, channels: int = 3) -> Dataset:
     """Every image under ``root`` (recursively), centre-cropped and resized to ``resolution``."""
     p = Path(os.path.expanduser(root))
+    if p.exists() and not p.is_dir():
+        raise DataError(f"image folder {root!r} is a file, not a folder")
     if not p.is_dir():
         raise DataError(f"image folder {root!r} does not exist")
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
@@ -109,6 +114,8 @@ def make_dataset(name: str, root: str, resolution: int | None, channels: int) ->
 
 def check_fits(ds: Dataset, resolution: int, channels: int, name: str) -> None:
     """Data resolution and channels must match the teacher's."""
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} is empty")
     x = ds[0][0]
     if tuple(x.shape) != (channels, resolution, resolution):
         raise DataError(
