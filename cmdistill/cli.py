@@ -93,6 +93,35 @@ def distill(recipe, output_dir, overrides, resume, overwrite, steps, dry_run):
     run(r, output_dir, resume=resume, overwrite=overwrite)
 
 
+@main.command("train-teacher")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None,
+              help="Run folder for checkpoints and samples (default: train.output_dir of the recipe).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set train.max_steps=100 (repeatable; VALUE is YAML).")
+@click.option("--resume", default=None, metavar="latest|PATH",
+              help="Continue from the newest checkpoint of the run folder, or from a checkpoint folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a different run already in the output folder.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@friendly_errors
+def train_teacher(recipe, output_dir, overrides, resume, overwrite, dry_run):
+    """Train a DDPM teacher (diffusers UNet2DModel + DDPMScheduler) with an EMA of its weights.
+
+    Exports the EMA as a DDPMPipeline folder (train.export_dir, default <output_dir>/pipeline) that
+    diffusers.DDPMPipeline.from_pretrained loads and `cmdistill distill` can use as its teacher.
+    """
+    from .teacher_training import dump_teacher_recipe, load_teacher_recipe
+    from .teacher_training import train_teacher as run
+
+    r = load_teacher_recipe(recipe, overrides)
+    if output_dir:
+        r.train.output_dir = output_dir
+    if dry_run:
+        click.echo(dump_teacher_recipe(r), nl=False)
+        return
+    run(r, resume=resume, overwrite=overwrite)
+
+
 # --------------------------------------------------------------------------- sampling and evaluation
 
 
