@@ -55,7 +55,7 @@ class SolverConfig:
 
 @dataclass
 class StudentConfig:
-    boundary: str = "cm"                   # cm | lcm
+    boundary: str = "lcm"                  # lcm | cm (see README: lcm starts the student as the teacher's D)
     boundary_scale: float = 10.0           # lcm only
     sigma_data: float = 0.5
     target_decay: float = 0.0              # mu; 0 = stop-gradient copy
@@ -99,6 +99,9 @@ class TrainConfig:
     num_sample_images: int = 64
     output_dir: str = "runs/cd"
     on_nonfinite: str = "stop"            # non-finite loss/gradient: stop (name the step) | skip the step
+    channels_last: bool = False            # U-Nets on NHWC activations (GPU tensor cores); weights stay NCHW
+    compile: bool = False                  # torch.compile the teacher, student and target U-Nets
+    gradient_checkpointing: bool = False   # recompute student activations in backward: less memory, slower
 
 
 @dataclass

@@ -32,6 +32,8 @@ from .losses import get_weighting, make_distance
 from .pipeline import ConsistencyPipeline
 from .sample import default_multistep_sigmas, sample_consistency
 from .schedules import PairSchedule
+from .speed import configure_networks, to_device
+from .utils import skip_sync_checks
 
 # networks saved beside accelerate's files in every checkpoint (as <name>.safetensors)
 CKPT_MODULES = ("target", "ema")
@@ -160,6 +162,21 @@ def build_models(recipe: Recipe, device):
     target = make_target(student)
     ema = make_eval_ema(student, sc.ema_decay, sc.ema_update_after_step, sc.ema_power).to(device)
     return teacher, student, target, ema
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``torchrun``/``accelerate launch`` set WORLD_SIZE, MPI its own)."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def cpu_processes() -> bool:
+    """Several processes on a machine without an accelerator: ask accelerate for CPU (gloo) processes. Left to
+    itself, ``Accelerator()`` there gives every process a one-process run of its own (DistributedType.NO)."""
+    has_acc = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return launched_processes() > 1 and not has_acc
 
 
 def teacher_shape(teacher) -> tuple[int, int]:
@@ -291,8 +308,13 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
         mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
         log_with="tensorboard" if has_tb else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        cpu=cpu_processes(),
     )
     world = accelerator.num_processes
+    if launched_processes() > 1 and world != launched_processes():
+        raise RunError(f"{launched_processes()} processes were launched but accelerate set up {world} "
+                       f"({accelerator.distributed_type}); they would train independently into one folder. "
+                       "See docs/multigpu.md")
     if resume_path is not None:
         verify_checkpoint(resume_path, CKPT_MODULES, world)
     set_seed(tc.seed, device_specific=True)
@@ -300,6 +322,8 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
 
     # 1. models
     teacher, student, target, ema = build_models(recipe, device)
+    configure_networks(teacher, student, target, channels_last=tc.channels_last, compile=tc.compile,
+                       gradient_checkpointing=tc.gradient_checkpointing)
     channels, resolution = teacher_shape(teacher)
 
     # 2. data (checked against the teacher)
@@ -324,6 +348,8 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     pairs = PairSchedule(sch.grid, teacher.sigma_min, teacher.sigma_max, sch.num_scales, sch.rho, sch.curriculum,
                          sch.num_scales_start, tc.max_steps, sch.pairs, sch.p_mean, sch.p_std,
                          getattr(teacher, "sigma_table", None), sch.skip)
+    for at in (0, tc.max_steps):  # the grids span the teacher's range: checked once here, on the host, so the
+        teacher.check_range(pairs.grid_and_probs(at)[0])  # step runs without per-call checks (host syncs)
     opt = make_optimizer(student.parameters(), recipe.optim)
     lr_sched = make_lr_schedule(opt, recipe.optim.warmup_steps)
     state = TrainState()
@@ -377,9 +403,9 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
                 x0 = x0.to(device, non_blocking=True)
                 if dc.hflip:
                     flip = torch.rand(x0.shape[0], generator=flip_gen) < 0.5
-                    x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
-                sigma_hi, sigma_lo = pairs.sample(x0.shape[0], state.step, device)
-                with accelerator.accumulate(student_train), accelerator.autocast():
+                    x0 = torch.where(to_device(flip, device)[:, None, None, None], x0.flip(-1), x0)
+                sigma_hi, sigma_lo = (to_device(t, device) for t in pairs.sample(x0.shape[0], state.step))
+                with accelerator.accumulate(student_train), accelerator.autocast(), skip_sync_checks():
                     res = cd_loss(student_train, target, teacher, x0, sigma_hi, sigma_lo, distance, weighting,
                                   recipe.solver.name, recipe.solver.substeps)
                     accelerator.backward(res.loss)

@@ -1,6 +1,9 @@
 """Small tensor helpers shared by the numerical core."""
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 
@@ -24,3 +27,24 @@ def as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     return sigma
+
+
+_checks = threading.local()
+
+
+def sync_checks_enabled() -> bool:
+    """Whether argument checks that read device values on the host (a GPU sync each) run; on by default."""
+    return getattr(_checks, "enabled", True)
+
+
+@contextlib.contextmanager
+def skip_sync_checks():
+    """Skip the per-call sigma checks that read device tensors on the host (the teacher's range check, Heun's
+    ``sigma_lo == 0`` test): each is a host sync on a GPU. For the training hot path only, whose sigmas come
+    from a grid checked once, on the host, to lie inside the teacher's range; everything else keeps them."""
+    before = sync_checks_enabled()
+    _checks.enabled = False
+    try:
+        yield
+    finally:
+        _checks.enabled = before
