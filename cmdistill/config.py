@@ -62,6 +62,7 @@ class StudentConfig:
     ema_decay: float = 0.9999              # evaluation EMA (ema-pytorch)
     ema_power: float = 0.6667              # ema-pytorch warm-up exponent
     ema_update_after_step: int = 0
+    sigma_max: Optional[float] = None      # top of the student's range (Karras grid, 1-step start); null: teacher's
 
 
 @dataclass
@@ -150,7 +151,8 @@ POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip",
 UNIT_INTERVAL = {"student.target_decay", "student.ema_decay"}
 # > 0 when set (None allowed where the annotation is Optional)
 POSITIVE_OR_NONE = {"data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
-                    "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale"}
+                    "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
+                    "student.sigma_max"}
 NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
                 "student.ema_update_after_step", "student.ema_power"}
 
@@ -243,6 +245,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(f"'optim.betas' must be two numbers in [0, 1), got {betas!r}")
     if recipe.schedule.num_scales < 2:
         raise ConfigError("'schedule.num_scales' must be at least 2")
+    if recipe.student.sigma_max is not None and recipe.schedule.grid != "karras":
+        raise ConfigError("'student.sigma_max' caps the Karras grid; it needs 'schedule.grid: karras'")
     if recipe.train.batch_size % recipe.train.grad_accum:
         raise ConfigError("'train.batch_size' must be divisible by 'train.grad_accum'")
     return recipe

@@ -41,7 +41,7 @@ class ConsistencyFunction(nn.Module):
     """
 
     def __init__(self, denoiser: nn.Module, boundary: str = "cm", sigma_min: float | None = None,
-                 sigma_data: float = 0.5, boundary_scale: float = 10.0):
+                 sigma_data: float = 0.5, boundary_scale: float = 10.0, sigma_max: float | None = None):
         super().__init__()
         if boundary not in BOUNDARIES:
             raise ValueError(f"unknown boundary {boundary!r}; choose one of {sorted(BOUNDARIES)}")
@@ -49,7 +49,10 @@ class ConsistencyFunction(nn.Module):
         self.boundary = boundary
         self.boundary_scale = float(boundary_scale)
         self.sigma_min = float(denoiser.sigma_min if sigma_min is None else sigma_min)
-        self.sigma_max = float(denoiser.sigma_max)
+        self.sigma_max = float(denoiser.sigma_max if sigma_max is None else sigma_max)
+        if self.sigma_max > denoiser.sigma_max * (1 + 1e-6) or self.sigma_max <= self.sigma_min:
+            raise ValueError(f"student sigma_max {self.sigma_max:.4g} must lie in the teacher's range "
+                             f"({self.sigma_min:.4g}, {denoiser.sigma_max:.4g}]")
         self.sigma_data = float(sigma_data)
 
     def scalings(self, sigma: torch.Tensor):
@@ -67,12 +70,14 @@ class ConsistencyFunction(nn.Module):
 
 
 def make_student(teacher: nn.Module, boundary: str = "cm", sigma_data: float = 0.5,
-                 boundary_scale: float = 10.0) -> ConsistencyFunction:
+                 boundary_scale: float = 10.0, sigma_max: float | None = None) -> ConsistencyFunction:
     """Student = the teacher's adapter around a *copy* of the teacher network, with the boundary condition on
-    top (DESIGN §2). The copy is trainable; the teacher is untouched."""
+    top (DESIGN §2). The copy is trainable; the teacher is untouched. ``sigma_max`` (default: the teacher's)
+    caps the student's range: where its 1-step sampler starts and the top of its training grid."""
     den = copy.deepcopy(teacher)
     den.requires_grad_(True).train()
-    return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale)
+    return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale,
+                               sigma_max=sigma_max)
 
 
 def make_target(student: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (clean_stale, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
                          verify_checkpoint, write_atomic)
-from .config import Recipe, dump_recipe, recipe_to_dict
+from .config import ConfigError, Recipe, dump_recipe, recipe_to_dict
 from .consistency import make_student, make_target
 from .data import DataError, StepBatchSampler, check_fits, make_dataset
 from .denoisers import load_teacher
@@ -156,7 +156,10 @@ def build_models(recipe: Recipe, device):
     if device.type == "cuda" and recipe.teacher.dtype != "fp32":
         teacher.net.to({"fp16": torch.float16, "bf16": torch.bfloat16}[recipe.teacher.dtype])
     sc = recipe.student
-    student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale).to(device)
+    if sc.sigma_max is not None and not teacher.sigma_min < sc.sigma_max <= teacher.sigma_max:
+        raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
+                          f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
+    student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max).to(device)
     if student.denoiser.net.dtype != torch.float32:  # the student trains in fp32 master weights
         student.denoiser.net.to(torch.float32)
     target = make_target(student)
@@ -345,7 +348,7 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
         distance.to(device)
     weighting = get_weighting(lc.weighting)
     sch = recipe.schedule
-    pairs = PairSchedule(sch.grid, teacher.sigma_min, teacher.sigma_max, sch.num_scales, sch.rho, sch.curriculum,
+    pairs = PairSchedule(sch.grid, teacher.sigma_min, student.sigma_max, sch.num_scales, sch.rho, sch.curriculum,
                          sch.num_scales_start, tc.max_steps, sch.pairs, sch.p_mean, sch.p_std,
                          getattr(teacher, "sigma_table", None), sch.skip)
     for at in (0, tc.max_steps):  # the grids span the teacher's range: checked once here, on the host, so the
