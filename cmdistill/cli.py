@@ -205,7 +205,8 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
               show_default=True, help="Timestep spacing of the teacher samplers.")
 @click.option("--max-steps", type=click.IntRange(1, 8), default=4, show_default=True,
               help="Evaluate the student and teacher DDIM at 1…K steps.")
-@click.option("--search-sigmas", is_flag=True, help="Pick the 2…K-step sigmas by FID and store them in the student.")
+@click.option("--search-sigmas/--no-search-sigmas", default=None,
+              help="Pick the 2…K-step sigmas by FID and store them in the student (eval.search_sigmas).")
 @click.option("--search-num", type=click.IntRange(min=2), default=None, help="Samples per search trial (≤ 500).")
 @click.option("--search-candidates", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class StudentConfig:
     ema_power: float = 0.6667              # ema-pytorch warm-up exponent
     ema_update_after_step: int = 0
     sigma_max: Optional[float] = None      # top of the student's range (Karras grid, 1-step start); null: teacher's
+    prior: str = "zero"                    # 1-step start: zero (CM, sigma_max z) | data_mean (mu + sigma_max z)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class EvalConfig:
     num_samples: int = 1000
     feature_net: str = "inception"         # inception | digits
     batch_size: int = 250
+    search_sigmas: bool = False            # first pick the 2-4-step sigmas by FID (`evaluate --search-sigmas`)
 
 
 @dataclass
@@ -136,6 +139,7 @@ CHOICES = {
     "schedule.pairs": ("uniform", "lognormal"),
     "solver.name": ("heun", "euler", "ddim"),
     "student.boundary": ("cm", "lcm"),
+    "student.prior": ("zero", "data_mean"),
     "loss.distance": ("lpips", "l2", "l1", "pseudo_huber"),
     "loss.lpips_net": ("vgg", "alex"),
     "loss.weighting": ("uniform", "inv_delta"),
@@ -157,6 +161,9 @@ NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.w
                 "student.ema_update_after_step", "student.ema_power"}
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_ok(value: Any, tp) -> tuple[bool, Any]:
     """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -173,6 +180,8 @@ def _type_ok(value: Any, tp) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return True, float(value)  # PyYAML (YAML 1.1) reads "6e-4" as a string; accept it as the number
         return False, value
     if tp is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .prior import start_sample
 from .utils import append_dims, as_sigma, promote
 
 
@@ -54,6 +55,7 @@ class ConsistencyFunction(nn.Module):
             raise ValueError(f"student sigma_max {self.sigma_max:.4g} must lie in the teacher's range "
                              f"({self.sigma_min:.4g}, {denoiser.sigma_max:.4g}]")
         self.sigma_data = float(sigma_data)
+        self.prior_mean: torch.Tensor | None = None  # [C, H, W] mean of the 1-step start (prior.py); None: 0
 
     def scalings(self, sigma: torch.Tensor):
         return BOUNDARIES[self.boundary](sigma, self.sigma_min, self.sigma_data, self.boundary_scale)
@@ -64,9 +66,17 @@ class ConsistencyFunction(nn.Module):
         c_skip, c_out = (append_dims(c, x.ndim) for c in self.scalings(sigma))
         return c_skip * x + c_out * self.denoiser(x, sigma, **cond)
 
+    def start(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + sigma z`` (prior.py)."""
+        return start_sample(z, sigma, self.prior_mean)
+
     def consistency_config(self) -> dict:
-        return {"boundary": self.boundary, "boundary_scale": self.boundary_scale, "sigma_min": self.sigma_min,
-                "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        cfg = {"boundary": self.boundary, "boundary_scale": self.boundary_scale, "sigma_min": self.sigma_min,
+               "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        if self.prior_mean is not None:  # JSON-friendly: nested [C][H][W] list, 6 significant digits
+            cfg["prior_mean"] = [[[float(f"{v:.6g}") for v in row] for row in ch]
+                                 for ch in self.prior_mean.detach().float().cpu().tolist()]
+        return cfg
 
 
 def make_student(teacher: nn.Module, boundary: str = "cm", sigma_data: float = 0.5,

@@ -283,7 +283,7 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
 def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: int | None = None,
              max_steps: int = 4, teacher_steps: int = 50, teacher_sampler: str = "ddim",
              teacher_spacing: str = "trailing", feature_net: str | nn.Module | None = None,
-             teacher_path: str | None = None, search_sigmas: bool = False, search_num: int | None = None,
+             teacher_path: str | None = None, search_sigmas: bool | None = None, search_num: int | None = None,
              search_candidates: int = 12, seed: int = 0, device=None, use_lpips: bool = True,
              echo: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Evaluate the run in ``run_dir`` (its ``recipe.yaml`` names the teacher, data and eval settings; arguments
@@ -295,6 +295,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     ec = run.recipe.eval
     num, batch_size = num_samples or ec.num_samples, batch_size or ec.batch_size
     feature_net = ec.feature_net if feature_net is None else feature_net
+    search_sigmas = ec.search_sigmas if search_sigmas is None else search_sigmas
     search = [Path(run.teacher_path) / "classifier"]
     fid = FIDMeter(feature_net, device, batch_size, search).add_real(run.real)
     report: dict = {"run_dir": str(run.run_dir), "teacher": run.teacher_path, "device": str(device),

@@ -64,6 +64,8 @@ class ConsistencyPipeline(DiffusionPipeline):
                                      boundary_scale=cc.get("boundary_scale", 10.0))
             if "sigma_max" in cc:
                 fn.sigma_max = float(cc["sigma_max"])
+            if cc.get("prior_mean") is not None:
+                fn.prior_mean = torch.tensor(cc["prior_mean"], dtype=torch.float32)
             self._fn_cache = (id(self.unet), fn)
         return self._fn_cache[1]
 
@@ -152,9 +154,9 @@ class ConsistencyPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
     def multistep(self, fn, z: torch.Tensor, sigmas: list[float], generator: Generator = None) -> torch.Tensor:
-        """CM Algorithm 1: ``x = f(sigmas[0] z, sigmas[0])``; for each next ``tau``:
-        ``x = f(x + sqrt(tau^2 - sigma_min^2) z', tau)`` with fresh noise ``z'`` from ``generator``."""
-        x = fn(z * sigmas[0], sigmas[0])
+        """CM Algorithm 1: ``x = f(mu + sigmas[0] z, sigmas[0])`` (``mu``: the stored prior mean, else 0); for each
+        next ``tau``: ``x = f(x + sqrt(tau^2 - sigma_min^2) z', tau)`` with fresh noise ``z'`` from ``generator``."""
+        x = fn(fn.start(z, sigmas[0]), sigmas[0])
         for tau in sigmas[1:]:
             noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = fn(x + math.sqrt(max(tau**2 - fn.sigma_min**2, 0.0)) * noise, tau)

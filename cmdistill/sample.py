@@ -6,6 +6,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .prior import start_sample
 from .schedules import append_zero, karras_grid
 from .solvers import get_solver
 from .utils import promote
@@ -62,11 +63,12 @@ def sample_consistency(f, noise: torch.Tensor, sigmas, generator: torch.Generato
                        **cond) -> torch.Tensor:
     """Multistep consistency sampling (CM Algorithm 1).
 
-    ``x = f(sigmas[0] z, sigmas[0])``; for each next ``tau``: ``x = f(x + sqrt(tau^2 - sigma_min^2) z, tau)``.
-    ``sigmas`` is descending with ``sigmas[0]`` usually ``sigma_max``; one sigma means one step.
+    ``x = f(mu + sigmas[0] z, sigmas[0])``; for each next ``tau``: ``x = f(x + sqrt(tau^2 - sigma_min^2) z, tau)``.
+    ``sigmas`` is descending with ``sigmas[0]`` usually ``sigma_max``; one sigma means one step. ``mu`` is
+    ``f.prior_mean`` when ``f`` has one (prior.py), else 0 as in CM.
     """
     sigmas = [float(s) for s in sigmas]
-    x = f(promote(noise) * sigmas[0], sigmas[0], **cond)
+    x = f(start_sample(promote(noise), sigmas[0], getattr(f, "prior_mean", None)), sigmas[0], **cond)
     for tau in sigmas[1:]:
         z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device,
                         dtype=x.dtype).to(x.device)

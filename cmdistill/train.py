@@ -30,6 +30,7 @@ from .ema import make_eval_ema, update_target
 from .images import save_grid
 from .losses import get_weighting, make_distance
 from .pipeline import ConsistencyPipeline
+from .prior import prior_mean
 from .sample import default_multistep_sigmas, sample_consistency
 from .schedules import PairSchedule
 from .speed import configure_networks, to_device
@@ -336,6 +337,9 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
                         f"{resolution}x{resolution}; set data.resolution to {resolution} or null")
     ds = make_dataset(dc.name, dc.root, dc.resolution or resolution, channels)
     check_fits(ds, resolution, channels, dc.name)
+    mean = prior_mean(recipe.student.prior, ds, dc.hflip)  # where 1-step sampling starts (prior.py)
+    for fn in (student, target, ema.ema_model):
+        fn.prior_mean = None if mean is None else mean.to(device)
     micro_global = tc.batch_size // tc.grad_accum
     if micro_global % world:
         raise RunError(f"train.batch_size / grad_accum = {micro_global} is not divisible by {world} processes")
@@ -482,6 +486,8 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
         from .evaluate import evaluate
 
         evaluate(out)
+        print(f"student: {student_dir} (report: {out / 'report.md'}; sample it with "
+              f"`cmdistill sample --student {student_dir} --steps 1`)")
     return student_dir
 
 

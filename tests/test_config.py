@@ -48,6 +48,14 @@ def test_overrides_and_int_to_float(tmp_path):
     assert again == r
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    """PyYAML reads ``6e-4`` as a string (YAML 1.1); a float key takes it as the number, other strings fail."""
+    r = load_recipe(write(tmp_path, "optim:\n  lr: 6e-4\n"), ["student.target_decay=1E-1"])
+    assert r.optim.lr == 6e-4 and r.student.target_decay == 0.1
+    with pytest.raises(ConfigError, match="'optim.lr' must be float, got '6e-4x'"):
+        load_recipe(None, ["optim.lr=6e-4x"])
+
+
 @pytest.mark.parametrize("name", ["cifar.yaml", "digits.yaml"])
 def test_shipped_recipes_resolve(name):
     r = load_recipe(ROOT / "recipes" / name)
