@@ -124,7 +124,7 @@ def run(args, recipe, device) -> dict:
                          sch.num_scales_start, tc.max_steps, sch.pairs, sch.p_mean, sch.p_std,
                          getattr(teacher, "sigma_table", None), sch.skip)
     opt = make_optimizer(student.parameters(), recipe.optim)
-    lr_sched = make_lr_schedule(opt, recipe.optim.warmup_steps)
+    lr_sched = make_lr_schedule(opt, recipe.optim, recipe.train.max_steps)
     student_train, opt = acc.prepare(student, opt)
     params = [p for p in student_train.parameters() if p.requires_grad]
     clip, mu = recipe.optim.grad_clip, recipe.student.target_decay

@@ -85,6 +85,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 0
+    lr_schedule: str = "constant"          # after warm-up: constant (CM) | cosine (down to 0 at train.max_steps)
     grad_clip: Optional[float] = 1.0       # max grad norm; null disables
 
 
@@ -144,6 +145,7 @@ CHOICES = {
     "loss.lpips_net": ("vgg", "alex"),
     "loss.weighting": ("uniform", "inv_delta"),
     "optim.name": ("radam", "adam", "adamw"),
+    "optim.lr_schedule": ("constant", "cosine"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.on_nonfinite": ("stop", "skip"),
     "eval.feature_net": ("inception", "digits"),

@@ -34,7 +34,7 @@ from .prior import prior_mean
 from .sample import default_multistep_sigmas, sample_consistency
 from .schedules import PairSchedule
 from .speed import configure_networks, to_device
-from .utils import skip_sync_checks
+from .utils import peak_memory_summary, skip_sync_checks
 
 # networks saved beside accelerate's files in every checkpoint (as <name>.safetensors)
 CKPT_MODULES = ("target", "ema")
@@ -81,9 +81,12 @@ def make_optimizer(params, cfg):
                                 weight_decay=cfg.weight_decay)
 
 
-def make_lr_schedule(opt, warmup_steps: int):
-    """Linear warm-up over ``warmup_steps`` optimiser steps, then constant (CM)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+def make_lr_schedule(opt, cfg, max_steps: int):
+    """Linear warm-up over ``optim.warmup_steps`` optimiser steps, then ``optim.lr_schedule``: constant (CM) or a
+    cosine decay to zero at ``max_steps`` (the same schedule as ``train-teacher``)."""
+    from .teacher_training import make_lr_lambda
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(cfg, max_steps))
 
 
 # --------------------------------------------------------------------------- output folder
@@ -140,10 +143,10 @@ def recipe_changes(ckpt_recipe_yaml: str, recipe: Recipe) -> list[str]:
         return ["the checkpoint's recipe.yaml is unreadable"]
     new = _flatten(recipe_to_dict(recipe))
     free = set(RESUME_FREE_KEYS)
-    if recipe.schedule.curriculum == "constant":
+    if recipe.schedule.curriculum == "constant" and recipe.optim.lr_schedule == "constant":
         free.add("train.max_steps")
     else:
-        free.discard("train.max_steps")  # an N curriculum is scaled to max_steps
+        free.discard("train.max_steps")  # an N curriculum or a cosine LR is scaled to max_steps
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in free and not k.startswith(("eval.", "train.on_nonfinite")) and old.get(k) != new.get(k)]
 
@@ -297,6 +300,7 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    t_start = time.perf_counter()
     tc = recipe.train
     out = Path(output_dir or tc.output_dir)
     tc.output_dir = str(out)
@@ -358,7 +362,7 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     for at in (0, tc.max_steps):  # the grids span the teacher's range: checked once here, on the host, so the
         teacher.check_range(pairs.grid_and_probs(at)[0])  # step runs without per-call checks (host syncs)
     opt = make_optimizer(student.parameters(), recipe.optim)
-    lr_sched = make_lr_schedule(opt, recipe.optim.warmup_steps)
+    lr_sched = make_lr_schedule(opt, recipe.optim, tc.max_steps)
     state = TrainState()
     student_train, opt = accelerator.prepare(student, opt)
     params = [p for p in student_train.parameters() if p.requires_grad]
@@ -486,8 +490,10 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
         from .evaluate import evaluate
 
         evaluate(out)
-        print(f"student: {student_dir} (report: {out / 'report.md'}; sample it with "
-              f"`cmdistill sample --student {student_dir} --steps 1`)")
+    if accelerator.is_main_process:
+        print(f"finished in {(time.perf_counter() - t_start) / 60:.1f} min, {peak_memory_summary(device)}")
+        report = f"report: {out / 'report.md'}; " if recipe.eval.at_end else ""
+        print(f"student: {student_dir} ({report}sample it with `cmdistill sample --student {student_dir} --steps 1`)")
     return student_dir
 
 

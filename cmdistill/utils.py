@@ -48,3 +48,16 @@ def skip_sync_checks():
         yield
     finally:
         _checks.enabled = before
+
+
+def peak_memory_summary(device: torch.device | None = None) -> str:
+    """``peak memory 1.23 GiB (process RSS)`` (+ the CUDA allocator's peak on a GPU), for end-of-run reports."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_gib = rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+    out = f"peak memory {rss_gib:.2f} GiB (process RSS)"
+    if device is not None and device.type == "cuda":
+        out += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}"
+    return out

@@ -67,3 +67,26 @@ def test_cifar_recipe_values():
     assert r.teacher.path == "google/ddpm-cifar10-32" and r.data.name == "cifar10"
     assert (r.loss.distance, r.solver.name, r.schedule.num_scales, r.train.batch_size) == ("lpips", "heun", 18, 512)
     assert r.train.mixed_precision == "bf16" and r.student.target_decay == 0.0 and r.optim.name == "radam"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule(schedule):
+    """``optim.lr_schedule``: linear warm-up, then constant (CM) or a cosine decay reaching 0 at max_steps."""
+    import torch
+
+    from cmdistill.train import make_lr_schedule
+
+    r = load_recipe(None, [f"optim.lr_schedule={schedule}", "optim.warmup_steps=2", "optim.lr=1e-3"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=r.optim.lr)
+    sched = make_lr_schedule(opt, r.optim, max_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
+    if schedule == "constant":
+        assert lrs[2:] == pytest.approx([1e-3] * 8)
+    else:
+        assert lrs[2] == pytest.approx(1e-3) and lrs[6] == pytest.approx(5e-4)
+        assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and opt.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
