@@ -69,7 +69,7 @@ def main(argv=None):
         rows.append(row)
         print(f"sigma_max {s:7.2f}  start {start:9s}  N {n:2d}  {solver} x{sub}  NFE {row['teacher_nfe']:3d}  "
               f"FID {row['fid']:.3f}", flush=True)
-    result = {"machine": C.machine_info() if hasattr(C, "machine_info") else None, "num_samples": a.num,
+    result = {"machine": C.machine(torch.device("cpu")), "num_samples": a.num,
               "seconds": time.perf_counter() - t0, "rows": rows}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))

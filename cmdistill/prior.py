@@ -6,8 +6,8 @@ CM Algorithm 1 starts from ``x = sigma_max z``, i.e. it approximates the margina
 epsilon teachers) needs the next moment: ``N(mu, sigma_max^2 I)`` with ``mu`` the per-pixel mean of the
 training images, the Gaussian prior of truncated diffusion (Zheng et al. 2023, "Truncated diffusion
 probabilistic models"; Lyu et al. 2022, "Accelerating diffusion models via early stop"). On the digits teacher,
-its own Heun ODE started at sigma 10 from ``10 z`` gives FID 3.5, from ``mu + 10 z`` 2.1, the same as from its
-full range (docs/digits.md).
+its own Heun ODE started at sigma 10 from ``10 z`` gives FID 3.56, from ``mu + 10 z`` 2.15, the same as from its
+full range, 2.16 (``benchmarks/bench_prior.py``, docs/benchmarks.md).
 
 Recipe key ``student.prior``: ``zero`` (CM) or ``data_mean``.
 """

@@ -79,7 +79,8 @@ def tiny_run_dir(tmp_path_factory, tiny_teacher_dir):
     out = tmp_path_factory.mktemp("run") / "digits"
     sets = [f"teacher.path={tiny_teacher_dir}", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2",
             "loss.distance=l2", "train.num_sample_images=8", "eval.at_end=true", "eval.num_samples=16",
-            "eval.batch_size=16"]
+            "eval.batch_size=16", "eval.search_sigmas=false",
+            "student.sigma_max=null"]  # the teacher's full range: tests sample from sigma 100
     args = ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(out)]
     for s in sets:
         args += ["--set", s]
