@@ -41,11 +41,13 @@ def main(argv=None):
     from cmdistill.data import make_dataset
     from cmdistill.denoisers import load_teacher
     from cmdistill.features import FIDMeter
+    from cmdistill.prior import data_mean, start_sample
     from cmdistill.schedules import karras_grid
     from cmdistill.solvers import solve
 
     teacher = load_teacher(str(TEACHER)).eval()
-    real = torch.stack([x for (x,) in make_dataset("digits", "", 8, 1)])
+    ds = make_dataset("digits", "", 8, 1)
+    real = torch.stack([x for (x,) in ds])
     fid = FIDMeter("digits", "cpu", 500, [TEACHER / "classifier"]).add_real(real)
     z = torch.randn(a.num, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     flat = real.flatten(1).double()
@@ -53,10 +55,8 @@ def main(argv=None):
     rows, t0 = [], time.perf_counter()
     for s, start, n, solver, sub in CASES:
         s = min(s, teacher.sigma_max)
-        if start == "zero":
-            x = s * z
-        elif start == "data_mean":
-            x = s * z + mu.view(1, 1, 8, 8).float()
+        if start in ("zero", "data_mean"):  # the package's own start (student.prior)
+            x = start_sample(z, s, data_mean(ds) if start == "data_mean" else None)
         else:
             chol = torch.linalg.cholesky(cov + s * s * torch.eye(64, dtype=torch.float64)).float()
             x = (z.flatten(1) @ chol.T + mu.float()).view_as(z)

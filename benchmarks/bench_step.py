@@ -104,7 +104,8 @@ def run(args, recipe, device) -> dict:
     from cmdistill.schedules import PairSchedule
     from cmdistill.solvers import solve
     from cmdistill.speed import configure_networks, to_device
-    from cmdistill.train import build_models, make_lr_schedule, make_optimizer
+    from cmdistill.lr_schedule import make_lr_schedule
+    from cmdistill.train import build_models, make_optimizer
     from cmdistill.utils import append_dims, skip_sync_checks
 
     tc, lc, sch = recipe.train, recipe.loss, recipe.schedule

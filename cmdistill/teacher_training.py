@@ -192,21 +192,6 @@ def ddpm_loss(unet, sched, x0: torch.Tensor, generator: torch.Generator | None =
     return torch.nn.functional.mse_loss(out.float(), tgt.float())
 
 
-def make_lr_lambda(cfg: TeacherOptimConfig, max_steps: int) -> Callable[[int], float]:
-    """Linear warm-up, then constant or a cosine decay to zero at ``max_steps``."""
-    import math
-
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        frac = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-    return f
-
-
 @torch.no_grad()
 def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0) -> torch.Tensor:
     """``n`` deterministic DDIM samples of ``unet`` through the package's own teacher adapter and sampler."""
@@ -262,6 +247,7 @@ def train_teacher(recipe: TeacherRecipe, resume: str | None = None, overwrite: b
     from .data import StepBatchSampler, check_fits, make_dataset
     from .ema import make_eval_ema
     from .images import save_grid
+    from .lr_schedule import make_lr_schedule
     from .train import prepare_output_dir
 
     tc = recipe.train
@@ -290,7 +276,7 @@ def train_teacher(recipe: TeacherRecipe, resume: str | None = None, overwrite: b
     # 2. optimiser and learning-rate schedule
     oc = recipe.optim
     opt = torch.optim.AdamW(unet.parameters(), lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(oc, tc.max_steps))
+    lr_sched = make_lr_schedule(opt, oc, tc.max_steps)
     state = StepCounter()
     unet_train, opt = accelerator.prepare(unet, opt)
     for obj in (ema, lr_sched, state):

@@ -29,6 +29,7 @@ from .distill import cd_loss
 from .ema import make_eval_ema, update_target
 from .images import save_grid
 from .losses import get_weighting, make_distance
+from .lr_schedule import make_lr_schedule
 from .pipeline import ConsistencyPipeline
 from .prior import prior_mean
 from .sample import default_multistep_sigmas, sample_consistency
@@ -79,14 +80,6 @@ def make_optimizer(params, cfg):
     """RAdam (CM's CIFAR-10 choice), Adam or AdamW, keyed by ``optim.name``."""
     return OPTIMIZERS[cfg.name](params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
-
-
-def make_lr_schedule(opt, cfg, max_steps: int):
-    """Linear warm-up over ``optim.warmup_steps`` optimiser steps, then ``optim.lr_schedule``: constant (CM) or a
-    cosine decay to zero at ``max_steps`` (the same schedule as ``train-teacher``)."""
-    from .teacher_training import make_lr_lambda
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(cfg, max_steps))
 
 
 # --------------------------------------------------------------------------- output folder
