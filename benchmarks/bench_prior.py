@@ -39,11 +39,12 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     from cmdistill.data import make_dataset
-    from cmdistill.denoisers import load_teacher
-    from cmdistill.features import FIDMeter
-    from cmdistill.prior import data_mean, start_sample
-    from cmdistill.schedules import karras_grid
-    from cmdistill.solvers import solve
+    from cmdistill.teachers import load_teacher
+    from cmdistill.evaluation.features import FIDMeter
+    from cmdistill.core.sampling import start_sample
+    from cmdistill.data import data_mean
+    from cmdistill.core.schedules import karras_grid
+    from cmdistill.core.solvers import solve
 
     teacher = load_teacher(str(TEACHER)).eval()
     ds = make_dataset("digits", "", 8, 1)

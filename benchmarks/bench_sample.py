@@ -67,10 +67,10 @@ def main(argv=None):
 def run(args, device) -> dict:
     from diffusers import DDPMScheduler
 
-    from cmdistill.consistency import make_student
-    from cmdistill.denoisers import build_denoiser
-    from cmdistill.pipeline import ConsistencyPipeline
-    from cmdistill.sample import sample_ode, teacher_sigmas
+    from cmdistill.core.consistency import make_student
+    from cmdistill.core.denoisers import build_denoiser
+    from cmdistill.export.pipeline import ConsistencyPipeline
+    from cmdistill.core.sampling import sample_ode, teacher_sigmas
 
     unet = C.make_unet(args.model).eval().requires_grad_(False)
     teacher = build_denoiser(unet, dict(DDPMScheduler(num_train_timesteps=1000).config)).to(device)

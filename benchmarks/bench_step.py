@@ -1,7 +1,9 @@
 """Time one consistency-distillation training step and each of its parts in isolation.
 
-The step is the body of ``cmdistill.train.distill``'s loop (CM Algorithm 2), built from the same recipe, the same
-``build_models`` and the same speed options, with a random-weight teacher of the chosen architecture:
+The step is the training loop's own optimiser step (``cmdistill.training.loop.optimizer_step``) over the very task
+``cmdistill distill`` builds (``cmdistill.training.distill.Distillation``: the same models, pair schedule over the
+student's range, loss and speed options), fed random images, with a random-weight teacher of the chosen
+architecture:
 
 * ``tiny``: the tests' U-Net (1 x 8 x 8, recipes/digits.yaml: Heun, pseudo-Huber);
 * ``cifar``: google/ddpm-cifar10-32's U-Net (35.7 M parameters, config in benchmarks/configs/, random weights;
@@ -97,83 +99,50 @@ def main(argv=None):
 
 def run(args, recipe, device) -> dict:
     from accelerate import Accelerator
+    from torch.utils.data import TensorDataset
 
-    from cmdistill.distill import cd_loss
-    from cmdistill.ema import update_target
-    from cmdistill.losses import get_weighting, make_distance
-    from cmdistill.schedules import PairSchedule
-    from cmdistill.solvers import solve
-    from cmdistill.speed import configure_networks, to_device
-    from cmdistill.lr_schedule import make_lr_schedule
-    from cmdistill.train import build_models, make_optimizer
-    from cmdistill.utils import append_dims, skip_sync_checks
+    from cmdistill.core.consistency import update_target
+    from cmdistill.core.solvers import solve
+    from cmdistill.core.tensors import append_dims, image_shape, skip_sync_checks
+    from cmdistill.teachers import load_teacher
+    from cmdistill.training.distill import Distillation
+    from cmdistill.training.loop import NonFiniteGuard, optimizer_step
+    from cmdistill.training.optim import grad_norm as clip_and_norm
 
-    tc, lc, sch = recipe.train, recipe.loss, recipe.schedule
+    tc, lc = recipe.train, recipe.loss
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=device.type == "cpu")
     torch.manual_seed(tc.seed)
-    teacher, student, target, ema = build_models(recipe, device)
-    configure_networks(teacher, student, target, channels_last=getattr(tc, "channels_last", False),
-                       compile=getattr(tc, "compile", False),
-                       gradient_checkpointing=getattr(tc, "gradient_checkpointing", False))
-    n_params = sum(p.numel() for p in teacher.net.parameters())
-    distance = make_distance(lc.distance, lpips_net=lc.lpips_net, lpips_resize=lc.lpips_resize, huber_c=lc.huber_c,
-                             lpips_pretrained_backbone=lc.lpips_pretrained)
-    if isinstance(distance, torch.nn.Module):
-        distance.to(device)
-    weighting = get_weighting(lc.weighting)
-    pairs = PairSchedule(sch.grid, teacher.sigma_min, teacher.sigma_max, sch.num_scales, sch.rho, sch.curriculum,
-                         sch.num_scales_start, tc.max_steps, sch.pairs, sch.p_mean, sch.p_std,
-                         getattr(teacher, "sigma_table", None), sch.skip)
-    opt = make_optimizer(student.parameters(), recipe.optim)
-    lr_sched = make_lr_schedule(opt, recipe.optim, recipe.train.max_steps)
-    student_train, opt = acc.prepare(student, opt)
+    B = tc.batch_size
+    ch, res_, _ = image_shape(load_teacher(recipe.teacher.path).net)
+    gen = torch.Generator().manual_seed(0)
+    # random images stand in for the recipe's data: the task is otherwise built exactly as `cmdistill distill` does
+    data = TensorDataset(torch.rand(4 * B, ch, res_, res_, generator=gen) * 2 - 1)
+    task = Distillation(recipe, acc, dataset=data)
+    task.start(0)
+    teacher, student, target, ema = task.teacher, task.student, task.target, task.ema
+    student_train, opt, lr_sched = task.model, task.optimizer, task.lr_scheduler
+    distance, weighting, pairs = task.distance, task.weighting, task.pairs
     params = [p for p in student_train.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in teacher.net.parameters())
     clip, mu = recipe.optim.grad_clip, recipe.student.target_decay
     solver, substeps = recipe.solver.name, recipe.solver.substeps
-    cfg = teacher.net.config
-    B, ch, res_ = tc.batch_size, int(cfg.in_channels), int(cfg.sample_size)
     rss_models = C.rss_mib()
-
-    gen = torch.Generator().manual_seed(0)
-    data = [(torch.rand(B, ch, res_, res_, generator=gen) * 2 - 1).to(device) for _ in range(4)]
-    flip_gen = torch.Generator().manual_seed(1)
-    state = {"i": 0, "step": 0}
+    guard = NonFiniteGuard(tc.on_nonfinite, acc)
+    check_grads = tc.mixed_precision != "fp16"
+    state = {"step": 0}
     loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def grad_norm():
-        if clip:
-            return acc.clip_grad_norm_(params, clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-    # ---- the full step: train.py's loop body, one optimiser step (grad_accum = 1)
+    # ---- the full step: exactly the training loop's optimiser step (cmdistill.training.loop.optimizer_step)
     def step():
-        nonlocal loss_sum, first_bad
-        x0 = data[state["i"] % len(data)]
-        state["i"] += 1
-        if recipe.data.hflip:
-            flip = torch.rand(B, generator=flip_gen) < 0.5
-            x0 = torch.where(to_device(flip, device)[:, None, None, None], x0.flip(-1), x0)
-        s_hi, s_lo = pairs.sample(B, state["step"])
-        s_hi, s_lo = to_device(s_hi, device), to_device(s_lo, device)
-        step_loss = torch.zeros((), device=device)
-        with acc.accumulate(student_train), acc.autocast(), skip_sync_checks():
-            out = cd_loss(student_train, target, teacher, x0, s_hi, s_lo, distance, weighting, solver, substeps)
-            acc.backward(out.loss)
-        step_loss += out.loss.detach().float()
-        gn = grad_norm()
-        bad = ~torch.isfinite(step_loss + gn.to(step_loss.dtype))
-        first_bad = torch.where(bad & (first_bad < 0), state["step"] + 1, first_bad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_target(target, student, mu)
-        ema.update()
-        lr_sched.step()
+        nonlocal loss_sum
+        if state["step"] and state["step"] % (len(data) // B) == 0:
+            task.start(state["step"])  # the data stream is infinite; restart it cheaply on the stand-in data
+        step_loss, _ = optimizer_step(acc, task, state["step"], 1, clip, guard, check_grads)
         loss_sum += step_loss
         state["step"] += 1
 
     # ---- fixed inputs for the parts
-    x0 = data[0]
+    x0 = data.tensors[0][:B].to(device)
     s_hi, s_lo = (t.to(device) for t in pairs.sample(B, 0))
     noise = torch.randn_like(x0)
     x_hi = x0 + append_dims(s_hi, x0.ndim) * noise
@@ -211,10 +180,8 @@ def run(args, recipe, device) -> dict:
             p.grad = g
 
     def optimiser():
-        nonlocal first_bad
-        gn = grad_norm()
-        bad = ~torch.isfinite(loss_sum + gn.to(loss_sum.dtype))
-        first_bad = torch.where(bad & (first_bad < 0), 0, first_bad)
+        gn = clip_and_norm(acc, params, clip, check_grads)
+        guard.step_ok(loss_sum, gn if check_grads else None, 0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         lr_sched.step()
@@ -265,7 +232,7 @@ def run(args, recipe, device) -> dict:
 
 
 def loader_throughput(recipe, resolution: int, channels: int, n_batches: int, device, batch: int) -> dict:
-    """Images/s of the training DataLoader alone (same dataset class, sampler, workers and pinning as train.py) at
+    """Images/s of the training DataLoader alone (same dataset class, sampler, workers and pinning as training) at
     the recipe's own global batch ``batch`` (not the benchmark's small one).
 
     ``cifar10`` cannot be downloaded offline: an in-memory uint8 stand-in of CIFAR-10's size goes through the same

@@ -1,8 +1,9 @@
-"""Command line: ``cmdistill distill``, ``sample``, ``evaluate`` (click).
+"""Command line: ``cmdistill distill``, ``train-teacher``, ``sample``, ``evaluate``, ``train-classifier`` (click).
 
-Errors a user can fix (bad recipe, teacher or data that cannot be loaded, output folder conflicts,
-bad checkpoints) are printed as one line on stderr with exit status 2; ``--debug`` shows the traceback.
-A run stopped by a non-finite loss (``train.on_nonfinite: stop``) exits with status 1. See docs/reliability.md.
+Parsing only: each command calls the Python function that does the work (:mod:`cmdistill.commands`, the
+evaluation layer). Errors a user can fix (bad recipe, teacher, data or student folder, output folder conflicts, bad
+checkpoints) are printed as one line on stderr with exit status 2; ``--debug`` shows the traceback. A run stopped
+by a non-finite loss (``train.on_nonfinite: stop``) exits with status 1. See docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ import sys
 
 import click
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, dump_recipe, load_recipe
+from .config import ConfigError, dump_recipe, load_recipe, load_teacher_recipe
+from .core.schedules import DEFAULT_TEACHER_SPACING, TIMESTEP_SPACINGS
+from .core.solvers import SOLVERS
 from .data import DataError
-from .denoisers import TeacherLoadError
-from .evaluate import EvalError
-from .features import FeatureNetError
-from .generate import SampleError
-
-USER_ERRORS = (ConfigError, TeacherLoadError, DataError, CheckpointError, SampleError, EvalError, FeatureNetError)
+from .teachers import TeacherLoadError
 
 
-def _user_errors():
-    from .train import RunError
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Every exception type that means "bad input", printed as one line (imported here, not at start-up)."""
+    from .evaluation.evaluate import EvalError
+    from .evaluation.features import FeatureNetError
+    from .evaluation.generate import SampleError
+    from .export.pipeline import StudentLoadError
+    from .training.checkpoint import CheckpointError
+    from .training.loop import RunError
 
-    return USER_ERRORS + (RunError,)
+    return (ConfigError, TeacherLoadError, DataError, CheckpointError, SampleError, EvalError, FeatureNetError,
+            StudentLoadError, RunError)
 
 
 def friendly_errors(fn):
@@ -43,10 +47,30 @@ def friendly_errors(fn):
             click.echo(f"cmdistill: error: {msg}", err=True)
             sys.exit(getattr(e, "exit_code", 2))
 
-    return click.option("--debug", is_flag=True, help="Show full tracebacks.")(wrapper)
+    return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(wrapper)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors (a bad option value, a missing argument) as one line on stderr with exit status 2, like every
+    other error a user can fix; ``--help`` names the options."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            cmd = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None and e.ctx.parent else ""
+            hint = f" (see cmdistill{cmd} --help)" if isinstance(e, click.UsageError) else ""
+            click.echo(f"cmdistill: error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="cmdistill")
 def main():
     """cmdistill: distil a diffusers teacher into a 1-4 step consistency model.
@@ -59,50 +83,48 @@ def main():
     """
 
 
+# options both training commands take
+def _training_options(fn):
+    for opt in reversed([
+        click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, show_default=True,
+                     help="Run folder (default: train.output_dir of the recipe)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", show_default=True,
+                     help="Override a recipe value, e.g. --set train.max_steps=100 (repeatable; VALUE is YAML)."),
+        click.option("--resume", default=None, metavar="latest|PATH", show_default=True,
+                     help="Continue from the newest checkpoint of the run folder, or from a checkpoint folder."),
+        click.option("--overwrite", is_flag=True, help="Replace a different run already in the output folder."),
+        click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None,
-              help="Run folder (default: train.output_dir of the recipe).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. --set train.max_steps=100 (repeatable; VALUE is YAML).")
-@click.option("--resume", default=None, metavar="latest|PATH",
-              help="Continue from the newest checkpoint of the run folder, or from a checkpoint folder.")
-@click.option("--overwrite", is_flag=True, help="Replace a different run already in the output folder.")
-@click.option("--steps", type=int, default=None, metavar="N",
-              help="Optimiser steps to train for (overrides train.max_steps).")
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@_training_options
+@click.option("--steps", type=click.IntRange(min=1), default=None, metavar="N", show_default=True,
+              help="Optimiser steps to train for (default: train.max_steps of the recipe).")
 @friendly_errors
-def distill(recipe, output_dir, overrides, resume, overwrite, steps, dry_run):
+def distill(recipe, output_dir, overrides, resume, overwrite, dry_run, steps):
     """Consistency-distil the recipe's teacher (CM Algorithm 2).
 
     Writes checkpoints, TensorBoard logs and sample grids under the run folder, and the student as a
-    ConsistencyPipeline in <output_dir>/student.
+    ConsistencyPipeline in <output_dir>/student; with eval.at_end, then evaluates it.
     """
-    if steps is not None and steps < 1:
-        raise ConfigError(f"--steps must be a positive number of optimiser steps, got {steps}")
-    r = load_recipe(recipe, overrides)
-    if steps is not None:
-        r.train.max_steps = steps
-    if output_dir:
-        r.train.output_dir = output_dir
+    from .commands import distill as run
+
+    r = load_recipe(recipe, list(overrides) + ([f"train.max_steps={steps}"] if steps is not None else []))
     if dry_run:
+        if output_dir:
+            r.train.output_dir = output_dir
         click.echo(dump_recipe(r), nl=False)
         return
-    from .train import distill as run
-
-    run(r, output_dir, resume=resume, overwrite=overwrite)
+    run(r, output_dir, resume=resume, overwrite=overwrite, echo=click.echo)
 
 
 @main.command("train-teacher")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None,
-              help="Run folder for checkpoints and samples (default: train.output_dir of the recipe).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe value, e.g. --set train.max_steps=100 (repeatable; VALUE is YAML).")
-@click.option("--resume", default=None, metavar="latest|PATH",
-              help="Continue from the newest checkpoint of the run folder, or from a checkpoint folder.")
-@click.option("--overwrite", is_flag=True, help="Replace a different run already in the output folder.")
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@_training_options
 @friendly_errors
 def train_teacher(recipe, output_dir, overrides, resume, overwrite, dry_run):
     """Train a DDPM teacher (diffusers UNet2DModel + DDPMScheduler) with an EMA of its weights.
@@ -110,16 +132,15 @@ def train_teacher(recipe, output_dir, overrides, resume, overwrite, dry_run):
     Exports the EMA as a DDPMPipeline folder (train.export_dir, default <output_dir>/pipeline) that
     diffusers.DDPMPipeline.from_pretrained loads and `cmdistill distill` can use as its teacher.
     """
-    from .teacher_training import dump_teacher_recipe, load_teacher_recipe
-    from .teacher_training import train_teacher as run
+    from .commands import train_teacher as run
 
     r = load_teacher_recipe(recipe, overrides)
-    if output_dir:
-        r.train.output_dir = output_dir
     if dry_run:
-        click.echo(dump_teacher_recipe(r), nl=False)
+        if output_dir:
+            r.train.output_dir = output_dir
+        click.echo(dump_recipe(r), nl=False)
         return
-    run(r, resume=resume, overwrite=overwrite)
+    run(r, output_dir, resume=resume, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- sampling and evaluation
@@ -134,36 +155,48 @@ def _parse_sigmas(text):
         raise click.BadParameter(f"expected numbers separated by commas, got {text!r}", param_hint="--sigmas")
 
 
+def _device(name):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+DEVICE_HELP = "torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)."
+SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_spacing=…): trailing starts every "
+                "k-step sampler at t = T-1.")
+
+
 @main.command()
-@click.option("--student", type=click.Path(file_okay=False), default=None,
-              help="Saved ConsistencyPipeline folder (default: the newest */student under ./runs).")
-@click.option("--teacher", default=None, metavar="DIR_OR_ID", help="Sample this diffusers teacher instead.")
-@click.option("--sampler", type=click.Choice(["ddim", "heun", "euler"]), default="ddim", show_default=True,
+@click.option("--student", type=click.Path(file_okay=False), default=None, show_default=True,
+              help="Saved ConsistencyPipeline folder or run folder (default: the newest */student under ./runs).")
+@click.option("--teacher", default=None, metavar="DIR_OR_ID", show_default=True,
+              help="Sample this diffusers teacher instead of a student.")
+@click.option("--sampler", type=click.Choice(sorted(SOLVERS)), default="ddim", show_default=True,
               help="Teacher ODE sampler (with --teacher).")
-@click.option("--spacing", type=click.Choice(["leading", "trailing", "linspace"]), default=None,
-              help="Teacher timestep spacing (default: its scheduler's).")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
+@click.option("--spacing", type=click.Choice(TIMESTEP_SPACINGS), default=DEFAULT_TEACHER_SPACING, show_default=True,
+              help=SPACING_HELP + " With --teacher.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, show_default=True,
               help="Network evaluations / steps (default: 1 for the student, 50 for a teacher).")
-@click.option("--sigmas", default=None, metavar="S1,S2,…", help="Student noise levels, descending (sets --steps).")
+@click.option("--sigmas", default=None, metavar="S1,S2,…", show_default=True,
+              help="Student noise levels, descending (sets --steps; default: the student's stored ones).")
 @click.option("--num", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: <run>/generated/<sampler tag>).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, show_default=True,
+              help="Output folder (default: <run>/generated/<tag>, or ./generated/<tag> for a teacher).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per network call.")
+@click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @friendly_errors
 def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, batch_size, device):
     """Sample the newest distilled student (CM Algorithm 1) or a teacher; write PNGs, grid.png, samples.npz."""
     from pathlib import Path
 
-    import torch
+    from .evaluation import generate as G
 
-    from . import generate as G
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     sig = _parse_sigmas(sigmas)
     if teacher is not None:
-        from .denoisers import load_teacher
+        from .teachers import load_teacher
 
         if sig is not None:
             raise G.SampleError("--sigmas applies to the student; the teacher uses its own timesteps")
@@ -186,7 +219,8 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
             raise G.SampleError(str(e)) from e
         steps = len(sig)
         tag, meta = f"student-{steps}step-seed{seed}", {"student": str(student), "sigmas": sig}
-        base = Path(student).parent / "generated"
+        folder = Path(student)
+        base = (folder if (folder / "recipe.yaml").is_file() else folder.parent) / "generated"
     meta.update(steps=steps, seed=seed, num=num)
     folder = G.write_samples(x, Path(out) if out else base / tag, meta)
     click.echo(f"wrote {num} images, grid.png and samples.npz to {folder}")
@@ -194,23 +228,31 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False), required=False)
-@click.option("--num", "-n", type=click.IntRange(min=2), default=None, help="Samples per sampler (eval.num_samples).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size (eval.batch_size).")
-@click.option("--feature-net", type=click.Choice(["inception", "digits"]), default=None,
-              help="FID features (eval.feature_net).")
-@click.option("--teacher", default=None, metavar="DIR_OR_ID", help="Teacher (default: teacher.path of the run).")
-@click.option("--teacher-sampler", type=click.Choice(["ddim", "heun", "euler"]), default="ddim", show_default=True)
-@click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--teacher-spacing", type=click.Choice(["trailing", "leading", "linspace"]), default="trailing",
-              show_default=True, help="Timestep spacing of the teacher samplers.")
+@click.option("--num", "-n", type=click.IntRange(min=2), default=None, show_default=True,
+              help="Samples per sampler (default: eval.num_samples of the run's recipe).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, show_default=True,
+              help="Images per network call (default: eval.batch_size).")
+@click.option("--feature-net", type=click.Choice(["inception", "digits"]), default=None, show_default=True,
+              help="FID features (default: eval.feature_net).")
+@click.option("--teacher", default=None, metavar="DIR_OR_ID", show_default=True,
+              help="Teacher (default: teacher.path of the run).")
+@click.option("--teacher-sampler", type=click.Choice(sorted(SOLVERS)), default="ddim", show_default=True,
+              help="ODE sampler of the reference teacher row.")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps of the reference teacher sampler.")
+@click.option("--teacher-spacing", type=click.Choice(TIMESTEP_SPACINGS), default=DEFAULT_TEACHER_SPACING,
+              show_default=True, help=SPACING_HELP)
 @click.option("--max-steps", type=click.IntRange(1, 8), default=4, show_default=True,
-              help="Evaluate the student and teacher DDIM at 1…K steps.")
-@click.option("--search-sigmas/--no-search-sigmas", default=None,
-              help="Pick the 2…K-step sigmas by FID and store them in the student (eval.search_sigmas).")
-@click.option("--search-num", type=click.IntRange(min=2), default=None, help="Samples per search trial (≤ 500).")
-@click.option("--search-candidates", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None)
+              help="Evaluate the student and the teacher's DDIM at 1…K steps.")
+@click.option("--search-sigmas/--no-search-sigmas", default=None, show_default=True,
+              help="Pick the 2…K-step sigmas by FID and store them in the student (default: eval.search_sigmas).")
+@click.option("--search-num", type=click.IntRange(min=2), default=None, show_default=True,
+              help="Samples per search trial (default: min(--num, 500)).")
+@click.option("--search-candidates", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Candidate noise levels of the sigma search (interior of a Karras grid).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the evaluation noise (the sigma search uses seed + 1000).")
+@click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when its weights are cached.")
 @friendly_errors
 def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, teacher_steps, teacher_spacing,
@@ -220,8 +262,8 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
     (default: the newest run under ./runs)."""
     from pathlib import Path
 
-    from . import generate as G
-    from .evaluate import evaluate as run
+    from .evaluation import generate as G
+    from .evaluation.evaluate import evaluate as run
 
     if run_dir is None:
         run_dir = G.find_latest_student().parent
@@ -231,16 +273,25 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
 
 
 @main.command("train-classifier")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="recipes/teachers/digits/classifier",
-              show_default=True, help="Folder for model.safetensors + config.json.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/digits-classifier", show_default=True,
+              help="Folder for model.safetensors + config.json (use it with CMDISTILL_DIGITS_CLASSIFIER=FOLDER).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Training epochs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the training run.")
 @friendly_errors
 def train_classifier(out, epochs, seed):
-    """Train the digits CNN whose penultimate features give FID on 8x8 digits (eval.feature_net=digits)."""
-    from .data import digits_dataset
-    from .features import ClassifierFeatures, real_vs_real_fid, save_classifier, train_digits_classifier
+    """Train the digits CNN whose penultimate features give FID on 8x8 digits (eval.feature_net=digits).
 
+    The package ships one (cmdistill/assets/digits_classifier); a retrained one changes every digits FID, so it is
+    written elsewhere and only used where CMDISTILL_DIGITS_CLASSIFIER points to it.
+    """
+    from pathlib import Path
+
+    from .data import digits_dataset
+    from .evaluation.features import ClassifierFeatures, real_vs_real_fid, save_classifier, train_digits_classifier
+    from .training.loop import RunError
+
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise RunError(f"{out} already exists and is not empty; choose another --out")
     clf, metrics = train_digits_classifier(epochs=epochs, seed=seed)
     metrics["fid_floor_real_vs_real"] = real_vs_real_fid(ClassifierFeatures(clf), digits_dataset("").tensors[0])
     save_classifier(clf, out, metrics)

@@ -1,5 +1,8 @@
-"""Typed recipe: dataclasses, strict YAML (unknown keys and wrong types are errors naming the key),
-``--set a.b=value`` overrides. Choices are validated against the registries that implement them."""
+"""Typed recipes for both commands that train, ``cmdistill distill`` (:class:`Recipe`) and ``cmdistill
+train-teacher`` (:class:`TeacherRecipe`), read by one strict loader (:func:`load_recipe`): ``yaml.safe_load``,
+unknown keys and wrong types are errors naming the key, malformed YAML names line and column, ``--set a.b=value``
+overrides, finite and range checks. The allowed values of every string choice are read from the registries that
+implement them (:func:`choices`), so a new solver or distance is a choice the moment it is registered."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +42,7 @@ class DataConfig:
 class ScheduleConfig:
     grid: str = "karras"                   # karras | teacher
     num_scales: int = 18                   # N (grid points); with a curriculum, the final N
-    num_scales_start: int = 10             # s0 of an N curriculum
+    num_scales_start: int = 11             # first N of a curriculum (iCT: 11 points, i.e. s0 = 10 intervals)
     curriculum: str = "constant"           # constant | ict_exponential
     rho: float = 7.0
     skip: int = 20                         # teacher grid: step between timesteps (LCM's k)
@@ -56,7 +59,7 @@ class SolverConfig:
 
 @dataclass
 class StudentConfig:
-    boundary: str = "lcm"                  # lcm | cm (see README: lcm starts the student as the teacher's D)
+    boundary: str = "lcm"                  # lcm | cm (core.consistency.DEFAULT_BOUNDARY: lcm starts the student as D)
     boundary_scale: float = 10.0           # lcm only
     sigma_data: float = 0.5
     target_decay: float = 0.0              # mu; 0 = stop-gradient copy
@@ -90,7 +93,9 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """What the one training loop reads (cmdistill.training.loop), shared by both recipes."""
+
     seed: int = 0
     batch_size: int = 512                  # global batch (all processes, one optimiser step)
     grad_accum: int = 1
@@ -99,10 +104,14 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     log_every: int = 50
-    sample_every: int = 5000               # PNG grid of 1-step samples
+    sample_every: int = 5000               # PNG grid of samples
     num_sample_images: int = 64
     output_dir: str = "runs/cd"
     on_nonfinite: str = "stop"            # non-finite loss/gradient: stop (name the step) | skip the step
+
+
+@dataclass
+class TrainConfig(LoopConfig):
     channels_last: bool = False            # U-Nets on NHWC activations (GPU tensor cores); weights stay NCHW
     compile: bool = False                  # torch.compile the teacher, student and target U-Nets
     gradient_checkpointing: bool = False   # recompute student activations in backward: less memory, slower
@@ -130,37 +139,104 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# allowed values of string choices, checked at load time
-CHOICES = {
-    "teacher.kind": ("auto", "ddpm", "edm"),
-    "teacher.dtype": ("fp32", "fp16", "bf16"),
-    "data.name": ("cifar10", "imagefolder", "digits"),
-    "schedule.grid": ("karras", "teacher"),
-    "schedule.curriculum": ("constant", "ict_exponential"),
-    "schedule.pairs": ("uniform", "lognormal"),
-    "solver.name": ("heun", "euler", "ddim"),
-    "student.boundary": ("cm", "lcm"),
-    "student.prior": ("zero", "data_mean"),
-    "loss.distance": ("lpips", "l2", "l1", "pseudo_huber"),
-    "loss.lpips_net": ("vgg", "alex"),
-    "loss.weighting": ("uniform", "inv_delta"),
-    "optim.name": ("radam", "adam", "adamw"),
-    "optim.lr_schedule": ("constant", "cosine"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "eval.feature_net": ("inception", "digits"),
-}
+# --------------------------------------------------------------------------- train-teacher (DDPM, Ho et al. 2020)
+
+
+@dataclass
+class UNetConfig:
+    """Keyword arguments of ``diffusers.UNet2DModel`` (``out_channels`` = ``in_channels``)."""
+
+    sample_size: int = 8
+    in_channels: int = 1
+    block_out_channels: list = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 2
+    down_block_types: list = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
+    up_block_types: list = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+
+
+@dataclass
+class NoiseConfig:
+    """Keyword arguments of ``diffusers.DDPMScheduler`` (the teacher's forward process and output)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"          # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"       # epsilon | v_prediction | sample
+    timestep_spacing: str = "trailing"     # leading | trailing | linspace: few-step DDIM starts at t = T-1
+
+
+@dataclass
+class TeacherTrainConfig(LoopConfig):
+    batch_size: int = 128
+    max_steps: int = 6000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int = 2000               # PNG grid of EMA samples (DDIM, sample_steps)
+    num_sample_images: int = 100
+    output_dir: str = "runs/teacher"       # checkpoints, samples, logs
+    ema_decay: float = 0.9995              # ema-pytorch, with its warm-up 1 - (1 + step)^-power
+    ema_power: float = 0.6667
+    sample_steps: int = 50
+    export_dir: Optional[str] = None       # the DDPMPipeline folder; None: <output_dir>/pipeline
+
+
+@dataclass
+class TeacherRecipe:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: NoiseConfig = field(default_factory=NoiseConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(name="digits", hflip=False, num_workers=0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, warmup_steps=200,
+                                                                   lr_schedule="cosine"))
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def choices() -> dict[str, tuple]:
+    """Allowed values of every string key, read from the registries that implement them (imported on first use,
+    so reading this module stays cheap)."""
+    from .core.consistency import BOUNDARIES
+    from .core.denoisers import ADAPTERS, PREDICTION_TYPES
+    from .core.losses import DISTANCES, LPIPS_NETS, WEIGHTINGS
+    from .core.schedules import BETA_SCHEDULES, CURRICULA, GRIDS, PAIR_SAMPLERS, TIMESTEP_SPACINGS
+    from .core.solvers import SOLVERS
+    from .core.tensors import DTYPES
+    from .data import DATASETS, PRIORS
+    from .evaluation.features import feature_net_names
+    from .training.loop import MIXED_PRECISION, NONFINITE_MODES
+    from .training.optim import LR_SCHEDULES, OPTIMIZERS
+
+    return {
+        "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": tuple(DTYPES), "data.name": tuple(DATASETS),
+        "schedule.grid": GRIDS, "schedule.curriculum": tuple(CURRICULA), "schedule.pairs": tuple(PAIR_SAMPLERS),
+        "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES), "student.prior": tuple(PRIORS),
+        "loss.distance": tuple(DISTANCES), "loss.lpips_net": LPIPS_NETS, "loss.weighting": tuple(WEIGHTINGS),
+        "optim.name": tuple(OPTIMIZERS), "optim.lr_schedule": tuple(LR_SCHEDULES),
+        "train.mixed_precision": MIXED_PRECISION, "train.on_nonfinite": NONFINITE_MODES,
+        "eval.feature_net": feature_net_names(), "scheduler.beta_schedule": BETA_SCHEDULES,
+        "scheduler.prediction_type": PREDICTION_TYPES, "scheduler.timestep_spacing": TIMESTEP_SPACINGS,
+    }
+
+
+# keys that exist in only one recipe are checked where they exist
 POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip", "solver.substeps",
             "train.batch_size", "train.grad_accum", "train.max_steps", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.log_every", "train.sample_every", "optim.lr", "eval.num_samples",
-            "eval.batch_size"}
-UNIT_INTERVAL = {"student.target_decay", "student.ema_decay"}
+            "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.num_sample_images", "optim.lr",
+            "eval.num_samples", "eval.batch_size", "train.sample_steps", "unet.sample_size", "unet.in_channels",
+            "unet.layers_per_block", "unet.attention_head_dim", "unet.norm_num_groups",
+            "scheduler.num_train_timesteps", "scheduler.beta_start", "scheduler.beta_end"}
+UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay", "unet.dropout"}
 # > 0 when set (None allowed where the annotation is Optional)
 POSITIVE_OR_NONE = {"data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
                     "student.sigma_max"}
 NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
-                "student.ema_update_after_step", "student.ema_power"}
+                "student.ema_update_after_step", "student.ema_power", "train.ema_power"}
 
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -200,9 +276,12 @@ def _hints(cls):
     return typing.get_type_hints(cls)
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data: dict, prefix: str, base=None):
+    """``cls`` from a mapping, each missing key taken from ``base`` (default: ``cls()``): a section a recipe
+    gives in part keeps its recipe's own defaults for the rest (``TeacherRecipe.optim`` is AdamW, not RAdam)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    base = cls() if base is None else base
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -213,54 +292,66 @@ def _build(cls, data: dict, prefix: str):
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", getattr(base, key))
             continue
         ok, v = _type_ok(value, tp)
         if not ok:
             raise ConfigError(f"'{prefix}{key}' must be {_type_name(tp)}, got {value!r}")
         kwargs[key] = v
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def validate(recipe: Recipe) -> Recipe:
-    for key, allowed in CHOICES.items():
-        v = get_key(recipe, key)
-        if v not in allowed:
+def validate(recipe):
+    """Choices, finite numbers, ranges, then the checks that tie keys together; returns the recipe."""
+    present = dict(_flat_values(recipe))
+    for key, allowed in choices().items():
+        if key in present and present[key] not in allowed:
+            v = present[key]
             close = difflib.get_close_matches(str(v), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {v!r}{hint}")
-    for key, v in _flat_values(recipe):
+    for key, v in present.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"'{key}' must be a finite number, got {v!r}")
-    for key in POSITIVE:
-        if not get_key(recipe, key) > 0:
-            raise ConfigError(f"'{key}' must be positive, got {get_key(recipe, key)!r}")
-    for key in POSITIVE_OR_NONE:
-        v = get_key(recipe, key)
-        if v is not None and not v > 0:
-            raise ConfigError(f"'{key}' must be positive (or null), got {v!r}")
-    for key in NON_NEGATIVE:
-        if not get_key(recipe, key) >= 0:
-            raise ConfigError(f"'{key}' must be >= 0, got {get_key(recipe, key)!r}")
-    for key in UNIT_INTERVAL:
-        v = get_key(recipe, key)
-        if not 0.0 <= v < 1.0:
-            raise ConfigError(f"'{key}' must be in [0, 1), got {v!r}")
+    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "positive"),
+                           (POSITIVE_OR_NONE, lambda v: v is None or v > 0, "positive (or null)"),
+                           (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (UNIT_INTERVAL, lambda v: 0.0 <= v < 1.0, "in [0, 1)")):
+        for key in sorted(keys & present.keys()):
+            if not ok(present[key]):
+                raise ConfigError(f"'{key}' must be {what}, got {present[key]!r}")
     betas = recipe.optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                   for b in betas):
         raise ConfigError(f"'optim.betas' must be two numbers in [0, 1), got {betas!r}")
-    if recipe.schedule.num_scales < 2:
-        raise ConfigError("'schedule.num_scales' must be at least 2")
-    if recipe.student.sigma_max is not None and recipe.schedule.grid != "karras":
-        raise ConfigError("'student.sigma_max' caps the Karras grid; it needs 'schedule.grid: karras'")
     if recipe.train.batch_size % recipe.train.grad_accum:
         raise ConfigError("'train.batch_size' must be divisible by 'train.grad_accum'")
+    if isinstance(recipe, TeacherRecipe):
+        _check_unet(recipe.unet)
+    else:
+        _check_distill(recipe)
     return recipe
+
+
+def _check_distill(recipe: Recipe) -> None:
+    sch = recipe.schedule
+    if sch.num_scales < 2 or sch.num_scales_start < 2:
+        raise ConfigError("'schedule.num_scales' and 'schedule.num_scales_start' must be at least 2 (grid points)")
+    if recipe.student.sigma_max is not None and sch.grid != "karras":
+        raise ConfigError("'student.sigma_max' caps the Karras grid; it needs 'schedule.grid: karras'")
+
+
+def _check_unet(u: UNetConfig) -> None:
+    if not len(u.block_out_channels) == len(u.down_block_types) == len(u.up_block_types):
+        raise ConfigError("'unet.block_out_channels', 'unet.down_block_types' and 'unet.up_block_types' "
+                          "must have the same length")
+    if any(c % u.norm_num_groups for c in u.block_out_channels):
+        raise ConfigError(f"every 'unet.block_out_channels' entry must be divisible by 'unet.norm_num_groups' "
+                          f"({u.norm_num_groups})")
 
 
 def _flat_values(obj, prefix: str = ""):
@@ -273,7 +364,7 @@ def _flat_values(obj, prefix: str = ""):
             yield f"{prefix}{f.name}", v
 
 
-def get_key(recipe: Recipe, dotted: str):
+def get_key(recipe, dotted: str):
     obj = recipe
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -305,8 +396,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe with ``yaml.safe_load``, apply overrides, type-check and validate."""
+def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = Recipe):
+    """Read a recipe of type ``cls`` (:class:`Recipe` or :class:`TeacherRecipe`) with ``yaml.safe_load``, apply
+    ``--set`` overrides, type-check and validate. Every problem is one :class:`ConfigError` line."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -321,12 +413,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
     data = apply_overrides(data, list(overrides))
-    return validate(_build(Recipe, data, ""))
+    return validate(_build(cls, data, ""))
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
+def load_teacher_recipe(path: str | Path | None, overrides: list[str] = ()) -> TeacherRecipe:
+    """:func:`load_recipe` for ``cmdistill train-teacher``."""
+    return load_recipe(path, overrides, TeacherRecipe)
+
+
+def recipe_to_dict(recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)

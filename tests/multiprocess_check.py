@@ -31,13 +31,13 @@ def main(out: str, steps: int = 3, batch: int = 16) -> None:
     from conftest import tiny_unet
     from diffusers import DDPMScheduler
 
-    from cmdistill.consistency import make_student, make_target
-    from cmdistill.denoisers import build_denoiser
-    from cmdistill.distill import cd_loss
-    from cmdistill.ema import update_target
-    from cmdistill.losses import get_weighting, make_distance
-    from cmdistill.schedules import karras_grid
-    from cmdistill.train import cpu_processes
+    from cmdistill.core.consistency import make_student, make_target
+    from cmdistill.core.denoisers import build_denoiser
+    from cmdistill.core.cd_step import cd_loss
+    from cmdistill.core.consistency import update_target
+    from cmdistill.core.losses import get_weighting, make_distance
+    from cmdistill.core.schedules import karras_grid
+    from cmdistill.training.loop import cpu_processes
 
     acc = Accelerator(cpu=cpu_processes())  # as cmdistill.train does: CPU (gloo) processes without a GPU
     rank, world = acc.process_index, acc.num_processes

@@ -120,8 +120,8 @@ def test_wrong_type_or_out_of_range(world, tmp_path, override, expect):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["--steps", "0"], "--steps must be a positive number of optimiser steps, got 0"),
-    (["--steps", "-3"], "--steps must be a positive number of optimiser steps, got -3"),
+    (["--steps", "0"], "Invalid value for '--steps': 0 is not in the range x>=1"),
+    (["--steps", "-3"], "Invalid value for '--steps': -3 is not in the range x>=1"),
     (["--set", "train.max_steps=0"], "'train.max_steps' must be positive, got 0"),
     (["--set", "train.max_steps=-3"], "'train.max_steps' must be positive, got -3"),
 ])

@@ -74,7 +74,7 @@ def test_lr_schedule(schedule):
     """``optim.lr_schedule``: linear warm-up, then constant (CM) or a cosine decay reaching 0 at max_steps."""
     import torch
 
-    from cmdistill.lr_schedule import make_lr_schedule
+    from cmdistill.training.optim import make_lr_schedule
 
     r = load_recipe(None, [f"optim.lr_schedule={schedule}", "optim.warmup_steps=2", "optim.lr=1e-3"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=r.optim.lr)

@@ -4,11 +4,13 @@ import copy
 import pytest
 import torch
 
-from cmdistill.consistency import ConsistencyFunction, make_student, make_target
-from cmdistill.denoisers import DDPMDenoiser
-from cmdistill.distill import cd_loss
-from cmdistill.ema import make_eval_ema, replay_rng, rng_state, update_target
-from cmdistill.losses import get_weighting, make_distance
+from cmdistill.core.consistency import ConsistencyFunction, make_student, make_target
+from cmdistill.core.denoisers import DDPMDenoiser
+from cmdistill.core.cd_step import cd_loss
+from cmdistill.core.consistency import update_target
+from cmdistill.core.rng import replay_rng, rng_state
+from cmdistill.training.ema import make_eval_ema
+from cmdistill.core.losses import get_weighting, make_distance
 from conftest import tiny_unet
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from cmdistill.denoisers import DDPMDenoiser
-from cmdistill.sample import sample_ode, teacher_sigmas
+from cmdistill.core.denoisers import DDPMDenoiser
+from cmdistill.core.sampling import sample_ode, teacher_sigmas
 from conftest import tiny_unet
 
 
@@ -28,7 +28,7 @@ def test_ddim50_matches_diffusers(cfg, dtype):
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
         den = DDPMDenoiser(unet, dict(sched.config))
-        sig = teacher_sigmas(den, 50)
+        sig = teacher_sigmas(den, 50, spacing=None)  # None: the scheduler's own timestep_spacing
         ours = sample_ode(den, noise, sig, "ddim")
     assert len(sig) == 51 and sig[-1] == 0
     assert ours.dtype == dtype

@@ -6,8 +6,9 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from cmdistill.denoisers import DDPMDenoiser, EDMDenoiser, TeacherLoadError, load_teacher
-from cmdistill.schedules import ddpm_betas, vp_sigmas_from_betas
+from cmdistill.core.denoisers import DDPMDenoiser, EDMDenoiser
+from cmdistill.teachers import TeacherLoadError, load_teacher
+from cmdistill.core.schedules import ddpm_betas, vp_sigmas_from_betas
 from conftest import save_teacher, tiny_unet
 
 

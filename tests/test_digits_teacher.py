@@ -14,7 +14,7 @@ N = 300
 
 @pytest.fixture(scope="module")
 def teacher():
-    from cmdistill.denoisers import load_teacher
+    from cmdistill.teachers import load_teacher
 
     return load_teacher(str(TEACHER))
 
@@ -22,7 +22,7 @@ def teacher():
 @pytest.fixture(scope="module")
 def samples(teacher):
     """``N`` deterministic 50-step DDIM samples in [-1, 1], through the package's own sampler."""
-    from cmdistill.sample import sample_ode, teacher_sigmas
+    from cmdistill.core.sampling import sample_ode, teacher_sigmas
 
     noise = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     return sample_ode(teacher, noise, teacher_sigmas(teacher, 50), "ddim").clamp(-1, 1)
@@ -37,7 +37,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def classifier():
-    from cmdistill.features import find_digits_classifier, load_classifier
+    from cmdistill.evaluation.features import find_digits_classifier, load_classifier
 
     folder = find_digits_classifier([TEACHER / "classifier"])
     assert folder is not None, "the digits classifier is not shipped"
@@ -65,7 +65,7 @@ def test_loads_in_diffusers_and_samples():
 
 
 def test_loads_as_a_ddpm_denoiser(teacher):
-    from cmdistill.denoisers import DDPMDenoiser
+    from cmdistill.core.denoisers import DDPMDenoiser
 
     assert isinstance(teacher, DDPMDenoiser)
     assert teacher.sigma_min == pytest.approx(0.0100, rel=1e-2)

@@ -11,10 +11,10 @@ from torch import nn
 
 from cmdistill.cli import main
 from cmdistill.data import digits_dataset, digits_labels
-from cmdistill.evaluate import candidate_taus, evaluate, paired_distances, search_multistep_sigmas
-from cmdistill.features import (FIDMeter, SHIPPED_CLASSIFIER, accuracy, digits_split, load_classifier,
+from cmdistill.evaluation.evaluate import candidate_taus, evaluate, paired_distances, search_multistep_sigmas
+from cmdistill.evaluation.features import (FIDMeter, SHIPPED_CLASSIFIER, accuracy, digits_split, load_classifier,
                                 save_classifier, train_digits_classifier)
-from cmdistill.pipeline import ConsistencyPipeline
+from cmdistill.export.pipeline import ConsistencyPipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from cmdistill.losses import LPIPSDistance, PseudoHuber, get_weighting, make_distance
-from cmdistill.schedules import (PairSchedule, ict_exponential_curriculum, karras_grid, lognormal_pair_probs,
+from cmdistill.core.losses import LPIPSDistance, PseudoHuber, get_weighting, make_distance
+from cmdistill.core.schedules import (PairSchedule, ict_exponential_curriculum, karras_grid, lognormal_pair_probs,
                                  teacher_grid, vp_sigmas_from_betas, ddpm_betas)
 
 
@@ -45,10 +45,14 @@ def test_karras_grid_endpoints_and_rho():
     assert abs(karras_grid(3, 0.01, 157.4)[1].item() - mid) < 1e-4
 
 
-def test_teacher_grid_skip():
+def test_teacher_grid_skip_ends_at_sigma_min():
+    """t = 999, 979, ..., 19, then 0 (LCM clamps the last skipped step to t = 0): the boundary is a target."""
     table = vp_sigmas_from_betas(ddpm_betas())
     g = teacher_grid(table, 20)
-    assert len(g) == 50 and torch.allclose(g[0], table[999].float()) and torch.allclose(g[-1], table[19].float())
+    assert len(g) == 51 and torch.allclose(g[0], table[999].float()) and torch.allclose(g[-2], table[19].float())
+    assert g[-1] == table[0].float()
+    g = teacher_grid(table, 37)  # 999 = 27 * 37: the grid lands on t = 0 by itself, no point is repeated
+    assert len(g) == 28 and g[-1] == table[0].float() and bool((g[:-1] > g[1:]).all())
 
 
 def test_lognormal_probs_follow_the_normal_cdf():
@@ -62,9 +66,23 @@ def test_lognormal_probs_follow_the_normal_cdf():
 
 
 def test_ict_curriculum_doubles():
+    """Counted in grid points: iCT's s0 = 10, s1 = 1280 intervals are 11 and 1281 points."""
     K = 1000
-    ns = [ict_exponential_curriculum(k, K, 10, 1280) for k in (0, K // 8, K // 2, K - 1)]
+    ns = [ict_exponential_curriculum(k, K, 11, 1281) for k in (0, K // 8, K // 2, K - 1)]
     assert ns[0] == 11 and ns[-1] == 1281 and ns == sorted(ns)
+
+
+@pytest.mark.parametrize("start, end", [(10, 18), (11, 1281), (3, 40)])
+def test_curriculum_ends_at_num_scales(start, end):
+    """``schedule.num_scales`` is the final N for every curriculum (it used to end at N + 1)."""
+    from cmdistill.config import load_recipe
+
+    r = load_recipe(None, ["schedule.curriculum=ict_exponential", f"schedule.num_scales={end}",
+                           f"schedule.num_scales_start={start}", "train.max_steps=1000"])
+    ps = PairSchedule("karras", 0.01, 80.0, r.schedule.num_scales, curriculum="ict_exponential",
+                      num_scales_start=r.schedule.num_scales_start, total_steps=1000)
+    assert ps.num_points(0) == start and ps.num_points(999) == end
+    assert len(ps.grid_and_probs(999)[0]) == end
 
 
 def test_pair_schedule_samples_adjacent_pairs():

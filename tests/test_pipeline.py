@@ -13,9 +13,9 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 
 from cmdistill import ConsistencyPipeline
-from cmdistill.consistency import make_student
-from cmdistill.denoisers import DDPMDenoiser
-from cmdistill.sample import sample_consistency
+from cmdistill.core.consistency import make_student
+from cmdistill.core.denoisers import DDPMDenoiser
+from cmdistill.core.sampling import sample_consistency
 from conftest import tiny_unet
 
 SIGMAS4 = [157.40726936571173, 20.0, 2.0, 0.2]
@@ -166,7 +166,7 @@ def test_push_to_hub_uploads_a_loadable_folder(pipe, tmp_path, monkeypatch):
 SUBPROCESS = textwrap.dedent("""
     import json, sys
     sys.modules["accelerate"] = None          # any `import accelerate` now raises ImportError
-    sys.modules["cmdistill.train"] = None     # and so does importing the training code
+    sys.modules["cmdistill.training"] = None  # and so does importing the training code
     import numpy as np, torch
     from diffusers import DiffusionPipeline
     folder, expected = sys.argv[1], np.load(sys.argv[2])
@@ -175,13 +175,13 @@ SUBPROCESS = textwrap.dedent("""
         before = "loaded"
     except AttributeError as e:
         before = str(e)
-    from cmdistill.pipeline import ConsistencyPipeline
+    from cmdistill.export.pipeline import ConsistencyPipeline
     pipe = DiffusionPipeline.from_pretrained(folder)
     out = pipe(batch_size=3, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                output_type="latent").images
     print(json.dumps({"before": before, "cls": type(pipe).__name__, "same": bool(np.allclose(out.numpy(), expected)),
                       "accelerate": sys.modules.get("accelerate") is None,
-                      "train": sys.modules.get("cmdistill.train") is None}))
+                      "train": sys.modules.get("cmdistill.training") is None}))
 """)
 
 

@@ -10,11 +10,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cmdistill.config import ConfigError, load_recipe
-from cmdistill.consistency import make_student
-from cmdistill.denoisers import load_teacher
-from cmdistill.pipeline import ConsistencyPipeline
-from cmdistill.prior import data_mean, prior_mean, start_sample
-from cmdistill.sample import sample_consistency
+from cmdistill.core.consistency import make_student
+from cmdistill.teachers import load_teacher
+from cmdistill.export.pipeline import ConsistencyPipeline
+from cmdistill.core.sampling import start_sample
+from cmdistill.data import data_mean, prior_mean
+from cmdistill.core.sampling import sample_consistency
 
 MU, S0 = 0.4, 0.3  # x0 ~ N(MU, S0^2) per pixel
 

@@ -44,10 +44,10 @@ if what:
         return patched
 
     if what == "loss":  # at the start of a training step's loss (data and noise levels already drawn)
-        import cmdistill.train as T
+        import cmdistill.training.distill as T
         T.cd_loss = wrap(T.cd_loss)
     elif what == "save":  # inside save_checkpoint: every file written, manifest and rename not yet done
-        import cmdistill.checkpoint as C
+        import cmdistill.training.checkpoint as C
         C._write_manifest = wrap(C._write_manifest)
 
 from cmdistill.cli import main
@@ -220,7 +220,7 @@ def test_resume_exact_with_grad_accum_warmup_and_lognormal_pairs(setup, tmp_path
 
 def nan_at(monkeypatch, step: int, where: str):
     """Make training step ``step`` produce a NaN ``loss`` or a NaN gradient (with a finite loss)."""
-    import cmdistill.train as T
+    import cmdistill.training.distill as T
 
     orig, calls = T.cd_loss, {"n": 0}
 

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from cmdistill.cli import main
-from cmdistill.denoisers import load_teacher
+from cmdistill.teachers import load_teacher
 from cmdistill.images import to_uint8
-from cmdistill.pipeline import ConsistencyPipeline
-from cmdistill.sample import sample_ode, teacher_sigmas
+from cmdistill.export.pipeline import ConsistencyPipeline
+from cmdistill.core.sampling import sample_ode, teacher_sigmas
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

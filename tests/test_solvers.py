@@ -3,8 +3,8 @@ import math
 
 import torch
 
-from cmdistill.solvers import ddim_step, euler_step, heun_step, solve
-from cmdistill.utils import append_dims
+from cmdistill.core.solvers import ddim_step, euler_step, heun_step, solve
+from cmdistill.core.tensors import append_dims
 
 MU, S0 = 0.3, 0.7  # x0 ~ N(MU, S0^2) per dimension
 
@@ -37,7 +37,7 @@ def integrate(step, n, s_hi=10.0, s_lo=0.05):
 def _f64(step):
     # the library computes sigmas in fp32; run the order study in float64 by passing float64 tensors through
     def run(D, x, a, b):
-        import cmdistill.solvers as S
+        import cmdistill.core.solvers as S
 
         orig = S.as_sigma
         S.as_sigma = lambda s, x: torch.as_tensor(s, dtype=torch.float64).expand(x.shape[0])

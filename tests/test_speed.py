@@ -12,14 +12,15 @@ import torch
 from diffusers import DDPMScheduler
 
 from cmdistill.config import load_recipe
-from cmdistill.consistency import make_student, make_target
-from cmdistill.denoisers import build_denoiser
-from cmdistill.distill import cd_loss
-from cmdistill.ema import make_eval_ema, update_target
-from cmdistill.losses import get_weighting, make_distance
-from cmdistill.solvers import heun_step
-from cmdistill.speed import configure_networks
-from cmdistill.utils import skip_sync_checks, sync_checks_enabled
+from cmdistill.core.consistency import make_student, make_target
+from cmdistill.core.denoisers import build_denoiser
+from cmdistill.core.cd_step import cd_loss
+from cmdistill.core.consistency import update_target
+from cmdistill.training.ema import make_eval_ema
+from cmdistill.core.losses import get_weighting, make_distance
+from cmdistill.core.solvers import heun_step
+from cmdistill.training.speed import configure_networks
+from cmdistill.core.tensors import skip_sync_checks, sync_checks_enabled
 
 from conftest import tiny_unet
 
@@ -127,7 +128,7 @@ def test_speed_recipe_keys():
 
 
 def test_distill_runs_with_channels_last_and_gradient_checkpointing(tiny_teacher_dir, tmp_path):
-    from cmdistill.train import distill
+    from cmdistill.commands import distill
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml", [
         f"teacher.path={tiny_teacher_dir}", "train.max_steps=3", "train.batch_size=8", "train.checkpoint_every=2",

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cmdistill.cli import main
 from cmdistill.config import ConfigError, load_recipe
-from cmdistill.consistency import make_student
-from cmdistill.denoisers import load_teacher
+from cmdistill.core.consistency import make_student
+from cmdistill.teachers import load_teacher
 
 
 def test_make_student_caps_the_range(tiny_teacher_dir):

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from cmdistill.cli import main
 from cmdistill.config import ConfigError
-from cmdistill.teacher_training import TARGETS, load_teacher_recipe, make_scheduler
+from cmdistill.config import load_teacher_recipe
+from cmdistill.training.teacher import TARGETS, make_scheduler
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "digits-teacher.yaml")
 
@@ -37,7 +38,8 @@ def _weights(folder):
 def test_writes_a_ddpm_pipeline_that_loads_and_samples(tmp_path):
     from diffusers import DDPMPipeline
 
-    from cmdistill.denoisers import DDPMDenoiser, load_teacher
+    from cmdistill.core.denoisers import DDPMDenoiser
+    from cmdistill.teachers import load_teacher
 
     _train(tmp_path / "run", 3)
     folder = tmp_path / "run" / "pipeline"

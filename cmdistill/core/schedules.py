@@ -13,15 +13,35 @@ import torch
 # --------------------------------------------------------------------------- DDPM tables
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # diffusers' DDPMScheduler names
+
+
 def ddpm_betas(
     num_train_timesteps: int = 1000,
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     beta_schedule: str = "linear",
     trained_betas=None,
+    rescale_betas_zero_snr: bool = False,
 ) -> torch.Tensor:
-    """Betas exactly as diffusers' ``DDPMScheduler`` builds them (float32, its precision)."""
-    n = num_train_timesteps
+    """Betas exactly as diffusers' ``DDPMScheduler`` builds them (float32, its precision), including its
+    ``rescale_betas_zero_snr`` option (:func:`rescale_zero_terminal_snr`)."""
+    betas = _base_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+    return rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), "Common diffusion noise schedules and sample steps are flawed", Algorithm 1: shift and
+    scale ``sqrt(abar)`` so that it ends at exactly 0 (zero terminal SNR) while its first value is unchanged."""
+    ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab = ab_sqrt**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def _base_betas(n: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas) -> torch.Tensor:
     if trained_betas is not None:
         return torch.tensor(trained_betas, dtype=torch.float32)
     if beta_schedule == "linear":
@@ -44,10 +64,31 @@ def vp_sigmas_from_betas(betas: torch.Tensor) -> torch.Tensor:
     """DDPM table to EDM sigmas: ``sigma_t = sqrt((1 - abar_t) / abar_t)`` (EDM Table 1, VP column).
 
     ``abar`` is the float32 cumulative product diffusers uses, so tables match its schedulers bit for bit;
-    the square root is taken in float64.
+    the square root is taken in float64. A zero-terminal-SNR schedule ends in ``inf`` (``abar_T = 0``).
     """
     abar = torch.cumprod(1.0 - betas.float(), dim=0).double()
     return ((1.0 - abar) / abar).sqrt()
+
+
+def ddpm_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0):
+    """The integer timesteps diffusers' ``DDIMScheduler.set_timesteps`` picks (descending); ``spacing`` is its
+    ``timestep_spacing`` (Lin et al. 2024, Table 2: ``leading``, ``linspace``, ``trailing``)."""
+    T = num_train_timesteps
+    if spacing == "leading":
+        ts = (torch.arange(steps) * (T // steps)).flip(0) + steps_offset
+    elif spacing == "trailing":
+        ts = (torch.arange(T, 0, -T / steps).round() - 1).long()
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps).round().long().flip(0)
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}")
+    return ts.long()
+
+
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+# the teacher samplers' spacing wherever none is given (`cmdistill sample`, `cmdistill evaluate`): trailing starts
+# every k-step sampler at t = T-1, the only one of the three whose 1-step sampler starts from noise
+DEFAULT_TEACHER_SPACING = "trailing"
 
 
 # --------------------------------------------------------------------------- grids
@@ -64,10 +105,15 @@ def karras_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) ->
 
 
 def teacher_grid(table: torch.Tensor, skip: int) -> torch.Tensor:
-    """The teacher's own discrete sigmas at ``t = T-1, T-1-k, ...`` (LCM's skipping-step grid), descending."""
+    """The teacher's own discrete sigmas at ``t = T-1, T-1-k, ..., 0`` (LCM's skipping-step grid), descending.
+
+    The last point is always ``t = 0`` (``sigma_min``, where the boundary condition holds), as LCM clamps its last
+    skipped step to ``t = 0``: the final interval may then be shorter than ``k``."""
     if skip < 1:
         raise ValueError("skip must be >= 1")
     idx = torch.arange(len(table) - 1, -1, -skip)
+    if idx[-1] != 0:
+        idx = torch.cat([idx, idx.new_zeros(1)])
     return table[idx].float()
 
 
@@ -111,20 +157,27 @@ def sample_pairs(grid: torch.Tensor, probs: torch.Tensor, batch: int, generator=
 
 
 def constant_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -> int:
-    """The fixed ``N`` of CM's CD: always ``n_end``."""
+    """The fixed ``N`` of CM's CD: always ``n_end`` grid points."""
     return n_end
 
 
 def ict_exponential_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -> int:
-    """iCT eq. (6): ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with ``K' = floor(K / (log2(s1/s0) + 1))``."""
-    k_prime = max(1, math.floor(total_steps / (math.log2(max(n_end, n_start) / n_start) + 1)))
-    return min(n_start * 2 ** (step // k_prime), n_end) + 1
+    """iCT eq. (6), counted in grid points: ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with
+    ``K' = floor(K / (log2(s1/s0) + 1))``, where ``s0 = n_start - 1`` and ``s1 = n_end - 1`` are interval counts;
+    so the curriculum starts at ``n_start`` points and ends at exactly ``n_end`` (iCT's s0 = 10, s1 = 1280 are
+    ``n_start = 11``, ``n_end = 1281``)."""
+    s0, s1 = n_start - 1, max(n_end, n_start) - 1
+    k_prime = max(1, math.floor(total_steps / (math.log2(s1 / s0) + 1)))
+    return min(s0 * 2 ** (step // k_prime), s1) + 1
 
 
 CURRICULA: dict[str, Callable[[int, int, int, int], int]] = {
     "constant": constant_curriculum,
     "ict_exponential": ict_exponential_curriculum,
 }
+
+
+GRIDS = ("karras", "teacher")
 
 
 class PairSchedule:
@@ -135,7 +188,7 @@ class PairSchedule:
     def __init__(self, grid: str, sigma_min: float, sigma_max: float, num_scales: int, rho: float = 7.0,
                  curriculum: str = "constant", num_scales_start: int = 10, total_steps: int = 1,
                  pairs: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0, table=None, skip: int = 1):
-        if grid not in ("karras", "teacher"):
+        if grid not in GRIDS:
             raise ValueError(f"unknown grid {grid!r}")
         if grid == "teacher" and table is None:
             raise ValueError("grid 'teacher' needs a teacher with a discrete sigma table (a DDPM teacher)")

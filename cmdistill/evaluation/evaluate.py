@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
+from ..core.tensors import image_shape
+from ..images import make_grid
 from .features import FIDMeter, find_digits_classifier, load_classifier, real_vs_real_fid
-from .generate import image_shape, initial_noise, load_student, run_batches, student_fn, teacher_fn
-from .images import make_grid
-from .schedules import karras_grid
+from .generate import initial_noise, load_student, run_batches, student_fn, teacher_fn
 
 FLOOR_MAX_IMAGES = 20_000   # real-vs-real FID floor only for small data sets (digits: 1797)
 REAL_MAX_IMAGES = 50_000    # FID reference statistics: the first 50k training images (CIFAR-10: all)
@@ -59,7 +60,7 @@ def load_lpips(net: str = "vgg", device="cpu") -> tuple[nn.Module | None, str]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if not cached.is_file():
         return None, f"unavailable: {net} backbone weights not in {cached.parent} (download them once)"
-    from .losses import LPIPSDistance
+    from ..core.losses import LPIPSDistance
 
     try:
         return LPIPSDistance(net, resize=224).to(device), f"lpips-{net}"
@@ -197,9 +198,9 @@ class Sampler:
 
 def load_run(run_dir: Path, teacher_path: str | None, device) -> EvalRun:
     """Recipe, student pipeline, teacher and real images of a run (one-line errors for anything missing)."""
-    from .config import load_recipe
-    from .data import make_dataset
-    from .denoisers import load_teacher
+    from ..config import load_recipe
+    from ..data import make_dataset
+    from ..teachers import load_teacher
 
     if not (run_dir / "recipe.yaml").is_file():
         raise EvalError(f"{run_dir} is not a cmdistill run folder (no recipe.yaml)")
@@ -250,7 +251,7 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
 def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_steps: int,
                   spacing: str) -> list[Sampler]:
     """The reference teacher sampler first, then the student and the teacher's DDIM at 1…max_steps."""
-    from .solvers import SOLVER_NFE
+    from ..core.solvers import SOLVER_NFE
 
     nfe = teacher_steps * SOLVER_NFE[teacher_sampler] - (teacher_sampler == "heun")  # last Heun step: Euler
     out = [Sampler(f"teacher-{teacher_sampler}-{teacher_steps}", "teacher", teacher_steps, nfe,
@@ -282,7 +283,7 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
 
 def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: int | None = None,
              max_steps: int = 4, teacher_steps: int = 50, teacher_sampler: str = "ddim",
-             teacher_spacing: str = "trailing", feature_net: str | nn.Module | None = None,
+             teacher_spacing: str = DEFAULT_TEACHER_SPACING, feature_net: str | nn.Module | None = None,
              teacher_path: str | None = None, search_sigmas: bool | None = None, search_num: int | None = None,
              search_candidates: int = 12, seed: int = 0, device=None, use_lpips: bool = True,
              echo: Callable[[str], None] = print, progress: bool = True) -> dict:

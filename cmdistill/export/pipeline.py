@@ -13,19 +13,55 @@ after ``import cmdistill`` that call returns a ``ConsistencyPipeline`` too, with
 """
 from __future__ import annotations
 
-import math
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .consistency import ConsistencyFunction
-from .denoisers import build_denoiser
-from .sample import default_multistep_sigmas
+from ..core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction
+from ..core.denoisers import build_denoiser
+from ..core.sampling import default_multistep_sigmas, sample_consistency
+from ..core.tensors import image_shape
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generator = Union[torch.Generator, list[torch.Generator], None]
+
+
+class StudentLoadError(ValueError):
+    """A folder that is not a saved ConsistencyPipeline (missing, empty, corrupt, or another pipeline's)."""
+
+
+def check_student_folder(folder: str | os.PathLike) -> Path:
+    """One-line :class:`StudentLoadError` unless ``folder`` holds a ConsistencyPipeline: a ``model_index.json``
+    that is JSON, names this class and a ``unet``, and a ``unet/`` subfolder. A run folder is pointed to its
+    ``student/``."""
+    folder = Path(os.path.expanduser(str(folder)))
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise StudentLoadError(f"student folder {str(folder)!r} does not exist")
+    if not index.is_file():
+        if (folder / "recipe.yaml").is_file():
+            hint = (f"; it is a run folder whose student is in {folder / 'student'}" if (folder / "student").is_dir()
+                    else "; it is a run folder without a student (the run has not finished; resume it)")
+        else:
+            hint = " (expected a saved ConsistencyPipeline)"
+        raise StudentLoadError(f"{folder} has no model_index.json{hint}")
+    try:
+        cfg = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StudentLoadError(f"{index} is not valid JSON ({type(e).__name__})") from None
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if name != ConsistencyPipeline.__name__:
+        raise StudentLoadError(f"{folder} holds a {name or 'unknown'} pipeline, not a ConsistencyPipeline "
+                               "(a cmdistill student)")
+    if "unet" not in cfg or not (folder / "unet").is_dir():
+        raise StudentLoadError(f"{folder} is incomplete: no unet/ subfolder")
+    return folder
 
 
 class ConsistencyPipeline(DiffusionPipeline):
@@ -48,6 +84,22 @@ class ConsistencyPipeline(DiffusionPipeline):
         self._fn_cache: tuple[int, ConsistencyFunction] | None = None
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, after a check of a local folder that gives one clear line
+        (:class:`StudentLoadError`) for a missing, empty, corrupt or foreign folder. Hub ids load as in diffusers."""
+        p = Path(os.path.expanduser(str(pretrained_model_name_or_path)))
+        if p.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")) \
+                or str(pretrained_model_name_or_path).count("/") != 1:
+            check_student_folder(p)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            if not p.exists():
+                raise
+            msg = " ".join(str(e).split())[:300]
+            raise StudentLoadError(f"cannot load the student in {p}: {type(e).__name__}: {msg}") from None
+
+    @classmethod
     def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None):
         """Build from a trained :class:`ConsistencyFunction` (its network is shared, not copied)."""
         return cls(unet=student.denoiser.net, adapter=student.denoiser.adapter_config(),
@@ -59,7 +111,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         if self._fn_cache is None or self._fn_cache[0] != id(self.unet):
             ad, cc = self.config.adapter, dict(self.config.consistency)
             den = build_denoiser(self.unet, ad["scheduler"], ad["kind"], strict_range=False)
-            fn = ConsistencyFunction(den, boundary=cc.get("boundary", "cm"), sigma_min=cc.get("sigma_min"),
+            fn = ConsistencyFunction(den, boundary=cc.get("boundary", DEFAULT_BOUNDARY), sigma_min=cc.get("sigma_min"),
                                      sigma_data=cc.get("sigma_data", 0.5),
                                      boundary_scale=cc.get("boundary_scale", 10.0))
             if "sigma_max" in cc:
@@ -121,14 +173,16 @@ class ConsistencyPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, sigmas: Optional[Sequence[float]] = None,
                  generator: Generator = None, latents: Optional[torch.Tensor] = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, clip_denoised: bool = True):
         """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations (CM Algorithm 1).
 
         ``sigmas`` (descending, ``sigmas[0]`` usually ``sigma_max``) overrides the stored schedule and sets the
         number of steps. ``latents``: the unit-Gaussian starting noise ``z`` (``[B, C, H, W]``); default drawn
         from ``generator`` (a generator or one per image, as in diffusers). ``output_type``: ``"pil"`` (list of
         PIL images), ``"np"`` (NHWC float in [0, 1]), ``"pt"`` (NCHW float in [0, 1]) or ``"latent"`` (the raw
-        NCHW sample in model space, nominally [-1, 1], unclamped).
+        NCHW sample in model space, nominally [-1, 1], unclamped). ``clip_denoised``: clamp each intermediate
+        sample to [-1, 1] before it is noised again (CM's code and diffusers' ``CMStochasticIterativeScheduler``
+        default; :func:`~cmdistill.core.sampling.sample_consistency`).
         """
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
@@ -138,11 +192,14 @@ class ConsistencyPipeline(DiffusionPipeline):
         sigmas = self.check_sigmas(sigmas if sigmas is not None else self.sigmas_for(num_inference_steps))
         device = self._execution_device
         if latents is None:
-            cfg = self.unet.config
-            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-            latents = randn_tensor((batch_size, cfg.in_channels, size, size), generator=generator, device=device,
+            latents = randn_tensor((batch_size, *image_shape(self.unet)), generator=generator, device=device,
                                    dtype=torch.float32)
-        x = self.multistep(fn, latents.to(device, torch.float32), sigmas, generator)
+
+        def noise(shape, dtype, dev):
+            return randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
+
+        x = sample_consistency(fn, latents.to(device, torch.float32), sigmas, noise_fn=noise,
+                               clip_denoised=clip_denoised)
         if output_type == "latent":
             out: Any = x
         else:
@@ -153,14 +210,24 @@ class ConsistencyPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
-    def multistep(self, fn, z: torch.Tensor, sigmas: list[float], generator: Generator = None) -> torch.Tensor:
-        """CM Algorithm 1: ``x = f(mu + sigmas[0] z, sigmas[0])`` (``mu``: the stored prior mean, else 0); for each
-        next ``tau``: ``x = f(x + sqrt(tau^2 - sigma_min^2) z', tau)`` with fresh noise ``z'`` from ``generator``."""
-        x = fn(fn.start(z, sigmas[0]), sigmas[0])
-        for tau in sigmas[1:]:
-            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = fn(x + math.sqrt(max(tau**2 - fn.sigma_min**2, 0.0)) * noise, tau)
-        return x
+
+def save_student(fn: ConsistencyFunction, folder: str | os.PathLike,
+                 multistep_sigmas: Optional[dict] = None) -> Path:
+    """Save a trained consistency function as a ``ConsistencyPipeline`` folder, atomically: written into a
+    temporary sibling folder, then moved into place (an existing folder is removed only afterwards). Default
+    multistep sigmas for 2-4 steps are stored unless given."""
+    folder = Path(folder)
+    if multistep_sigmas is None:
+        multistep_sigmas = {k: default_multistep_sigmas(fn.sigma_min, fn.sigma_max, k) for k in (2, 3, 4)}
+    tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    ConsistencyPipeline.from_student(fn, multistep_sigmas).save_pretrained(str(tmp), safe_serialization=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def register_with_diffusers() -> None:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_CONFIG = "config.json"
-SHIPPED_CLASSIFIER = Path(__file__).resolve().parents[1] / "recipes" / "teachers" / "digits" / "classifier"
+# shipped inside the package (package data), so a non-editable install finds it from any folder
+SHIPPED_CLASSIFIER = Path(__file__).resolve().parents[1] / "assets" / "digits_classifier"
 CACHED_CLASSIFIER = Path(os.path.expanduser("~/.cache/cmdistill/digits-classifier"))
 
 
@@ -96,7 +97,7 @@ def train_digits_classifier(epochs: int = 30, seed: int = 0, lr: float = 2e-3, b
                             progress: bool = True) -> tuple[DigitsClassifier, dict]:
     """Train :class:`DigitsClassifier` on the fixed train split (Adam, cosine decay, +-1 px shifts); return it and
     ``{"train_accuracy", "test_accuracy", ...}``. About ten seconds on two CPU cores."""
-    from .data import digits_dataset, digits_labels
+    from ..data import digits_dataset, digits_labels
 
     x_all, y_all = digits_dataset("").tensors[0], digits_labels()
     tr, te = digits_split()
@@ -153,7 +154,8 @@ def load_classifier(folder: str | Path) -> tuple[DigitsClassifier, dict]:
 
 def find_digits_classifier(search: Iterable[str | Path] = ()) -> Path | None:
     """First folder holding a classifier among ``search`` (e.g. ``<teacher>/classifier``),
-    ``$CMDISTILL_DIGITS_CLASSIFIER``, the repository's ``recipes/teachers/digits/classifier`` and the cache."""
+    ``$CMDISTILL_DIGITS_CLASSIFIER``, the one shipped in the package (``cmdistill/assets/digits_classifier``) and
+    the cache."""
     env = os.environ.get("CMDISTILL_DIGITS_CLASSIFIER")
     for folder in [*search, *([env] if env else []), SHIPPED_CLASSIFIER, CACHED_CLASSIFIER]:
         if folder and (Path(folder) / CLASSIFIER_WEIGHTS).is_file():
@@ -193,6 +195,11 @@ FEATURE_NETS: dict[str, Callable[..., nn.Module]] = {"digits": digits_features}
 BUILTIN_FIDS: dict[str, Callable[[], nn.Module]] = {"inception": inception_fid}
 
 
+def feature_net_names() -> tuple[str, ...]:
+    """The registry names ``eval.feature_net`` accepts."""
+    return (*BUILTIN_FIDS, *FEATURE_NETS)
+
+
 def make_fid(feature_net: str | nn.Module, search: Iterable[str | Path] = ()):
     """A ``FrechetInceptionDistance`` (real statistics kept across resets) for a registry name or a module."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -202,7 +209,7 @@ def make_fid(feature_net: str | nn.Module, search: Iterable[str | Path] = ()):
             return BUILTIN_FIDS[feature_net]()
         if feature_net not in FEATURE_NETS:
             raise FeatureNetError(f"unknown feature net {feature_net!r}; choose one of "
-                                  f"{sorted([*FEATURE_NETS, *BUILTIN_FIDS])}")
+                                  f"{', '.join(feature_net_names())}")
         feature_net = FEATURE_NETS[feature_net](search)
     return FrechetInceptionDistance(feature=feature_net, normalize=True, reset_real_features=False)
 

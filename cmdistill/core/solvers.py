@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .utils import append_dims, as_sigma, sync_checks_enabled
+from .tensors import append_dims, as_sigma, sync_checks_enabled
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ def ddim_step(denoiser, x, sigma_hi, sigma_lo, **cond) -> torch.Tensor:
 
 
 SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": euler_step,
     "heun": heun_step,
+    "euler": euler_step,
     "ddim": ddim_step,
 }
 

@@ -1,6 +1,6 @@
 """One consistency-distillation loss evaluation (CM Algorithm 2, one iteration without the update).
 
-A pure function of its inputs: toy denoisers can drive it in tests, and ``train.py`` calls it without
+A pure function of its inputs: toy denoisers can drive it in tests, and the training loop calls it without
 knowing any diffusion formula.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .ema import replay_rng, rng_state
+from .rng import replay_rng, rng_state
 from .solvers import solve
-from .utils import append_dims
+from .tensors import append_dims
 
 
 @dataclass

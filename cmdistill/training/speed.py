@@ -1,7 +1,8 @@
 """Speed options of the training step (docs/benchmarks.md, "Speed"): recipe keys ``train.channels_last``,
 ``train.compile`` and ``train.gradient_checkpointing``, and host-to-device copies that do not sync.
 
-None of them changes the math: preconditioning and solver arithmetic stay in fp32 (DESIGN §1), the options only
+None of them changes the math: preconditioning and solver arithmetic stay in fp32 (Karras et al. 2022 run
+the preconditioning in fp32 too), the options only
 change how the U-Nets run. Parameters keep their default (NCHW, contiguous) layout, so checkpoints and the
 exported student are byte-for-byte what they would be without the options.
 """

@@ -7,21 +7,21 @@ under autocast, and its output is cast back to fp32 before any arithmetic.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .schedules import ddpm_betas, vp_sigmas_from_betas
-from .utils import append_dims, as_sigma, promote, sync_checks_enabled
+from .tensors import append_dims, as_sigma, promote, sync_checks_enabled
 
 
-class TeacherLoadError(RuntimeError):
-    """A teacher folder or hub id could not be loaded (missing, malformed, or offline)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' prediction_type values, all mapped to x0
+
+
+class UnsupportedTeacher(ValueError):
+    """A teacher whose noise schedule this package cannot represent (named in one line)."""
 
 
 class Denoiser(nn.Module):
@@ -56,10 +56,14 @@ class Denoiser(nn.Module):
             )
 
     def run_net(self, x_in: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """Call the network with its own weight dtype (it may run under autocast); result back in ``x_in``'s."""
+        """Call the network on its weight dtype (it may run under autocast); result back in ``x_in``'s.
+
+        The (fractional) timestep stays fp32 whatever the weights are: in bf16 a ``t`` in [512, 1024) would round
+        to a multiple of 4, evaluating the network at a noise level that no longer matches ``sigma``. diffusers'
+        time embeddings take fp32 timesteps and cast the embedding, not the timestep, to the weight dtype."""
         p = next(self.net.parameters(), None)
         net_in = x_in.to(p.dtype) if p is not None and p.dtype != x_in.dtype else x_in
-        out = self.net(net_in, t.to(net_in.dtype) if p is not None else t, **cond)
+        out = self.net(net_in, t.float(), **cond)
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
         return out.to(x_in.dtype)
 
@@ -69,11 +73,13 @@ class Denoiser(nn.Module):
 
 
 class DDPMDenoiser(Denoiser):
-    """Discrete VP (DDPM) teacher in EDM space (EDM Table 1, VP column; DESIGN §1).
+    """Discrete VP (DDPM) teacher in EDM space (Karras et al. 2022, Table 1, VP column; k-diffusion's
+    ``DiscreteEpsDDPMDenoiser``).
 
     ``sigma_t = sqrt((1 - abar_t) / abar_t)``; the network sees ``x / sqrt(1 + sigma^2)`` and a fractional
     timestep found by interpolating ``log sigma`` in the table; outputs ``epsilon``, ``v_prediction`` or
-    ``sample`` are mapped to ``x0``.
+    ``sample`` are mapped to ``x0``. A zero-terminal-SNR schedule (``rescale_betas_zero_snr``, Lin et al. 2024)
+    has ``sigma = inf`` at ``t = T-1``; its trained range is the finite part of the table (``t <= T-2``).
     """
 
     kind = "ddpm"
@@ -89,17 +95,19 @@ class DDPMDenoiser(Denoiser):
             cfg.get("beta_end", 0.02),
             cfg.get("beta_schedule", "linear"),
             cfg.get("trained_betas"),
+            bool(cfg.get("rescale_betas_zero_snr", False)),
         )
         self.prediction_type = cfg.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
         self.scheduler_config = {
             k: cfg[k]
             for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                      "prediction_type", "timestep_spacing", "steps_offset", "_class_name")
+                      "prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "_class_name")
             if k in cfg
         }
         table = vp_sigmas_from_betas(betas)
+        table = table[torch.isfinite(table)]  # zero terminal SNR: t = T-1 is pure noise, outside EDM space
         self.register_buffer("sigma_table", table, persistent=False)  # float64, ascending in t
         self.register_buffer("log_sigma_table", table.log(), persistent=False)
         self.sigma_min = float(table[0])
@@ -177,76 +185,46 @@ class EDMDenoiser(Denoiser):
 
 ADAPTERS: dict[str, type[Denoiser]] = {"ddpm": DDPMDenoiser, "edm": EDMDenoiser}
 
+# diffusers scheduler classes whose config fully describes the teacher's noise schedule, per adapter: the
+# discrete-beta (VP) family all build DDPMScheduler's beta table from the same keys; the EDM family holds
+# sigma_min/sigma_max/sigma_data. Anything else (CMStochasticIterativeScheduler, ScoreSdeVeScheduler, flow
+# matching, ...) would be read as default betas and silently give a wrong sigma table, so it is refused.
+# GaussianDDPMScheduler is pre-0.3 diffusers' name for DDPMScheduler (google/ddpm-cifar10-32's root config).
+SCHEDULER_CLASSES: dict[str, frozenset[str]] = {
+    "ddpm": frozenset({
+        "DDPMScheduler", "GaussianDDPMScheduler", "DDIMScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler", "PNDMScheduler",
+        "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+        "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler",
+    }),
+    "edm": frozenset({"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}),
+}
+
 
 def infer_kind(scheduler_config: dict[str, Any]) -> str:
-    """``edm`` for diffusers' EDM* schedulers, else ``ddpm`` (DDPM, DDIM, PNDM, … share the beta table)."""
-    return "edm" if str(scheduler_config.get("_class_name", "")).startswith("EDM") else "ddpm"
+    """The adapter for a scheduler config, from its ``_class_name`` (:data:`SCHEDULER_CLASSES`; a config without
+    a class name is a DDPM one, as in pre-0.3 diffusers); raises :class:`UnsupportedTeacher` for other classes."""
+    name = scheduler_config.get("_class_name")
+    if name is None:
+        return "ddpm"
+    for kind, classes in SCHEDULER_CLASSES.items():
+        if name in classes:
+            return kind
+    raise UnsupportedTeacher(
+        f"teacher scheduler {name} is not supported: cmdistill reads discrete-beta (DDPM-family) and EDM "
+        f"schedulers; a {name} config does not describe a noise schedule it can represent")
 
 
 def build_denoiser(net: nn.Module, scheduler_config: dict[str, Any], kind: str = "auto", **kw) -> Denoiser:
-    """Wrap ``net`` with the adapter named ``kind`` (``auto`` reads the scheduler's class name)."""
-    kind = infer_kind(scheduler_config) if kind == "auto" else kind
+    """Wrap ``net`` with the adapter named ``kind`` (``auto`` reads the scheduler's class name). An explicit
+    ``kind`` must agree with the scheduler's family: a ``ddpm`` adapter on a non-beta scheduler would read
+    default betas."""
+    inferred = infer_kind(scheduler_config)
+    kind = inferred if kind == "auto" else kind
     if kind not in ADAPTERS:
         raise ValueError(f"unknown teacher kind {kind!r}; choose one of {sorted(ADAPTERS)}")
+    if "_class_name" in scheduler_config and kind != inferred:
+        raise UnsupportedTeacher(f"teacher.kind is {kind!r} but the scheduler {scheduler_config['_class_name']} "
+                                 f"is a {inferred!r} schedule; use teacher.kind: auto")
     return ADAPTERS[kind](net, scheduler_config, **kw)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _resolve_folder(path_or_id: str) -> Path:
-    """A local folder as is; a hub id through ``huggingface_hub.snapshot_download`` (json + weights only)."""
-    p = Path(os.path.expanduser(path_or_id))
-    if p.exists():
-        if not p.is_dir():
-            raise TeacherLoadError(f"teacher {path_or_id!r} is a file, expected a folder or a hub id")
-        return p
-    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-        raise TeacherLoadError(f"teacher folder {path_or_id!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except Exception as e:  # offline, unknown repo, network error: one clear line
-        reason = type(e).__name__
-        raise TeacherLoadError(
-            f"cannot download teacher {path_or_id!r} from the Hugging Face Hub ({reason}); "
-            "are you offline? Download it once with network access or pass a local folder"
-        ) from e
-
-
-def find_teacher_layout(folder: Path) -> tuple[Path, Path]:
-    """Return ``(model_dir, scheduler_config_file)`` for the DDPMPipeline layout (model_index.json, unet/,
-    scheduler/) or the flat layout of ``google/ddpm-cifar10-32`` (config.json + scheduler_config.json)."""
-    if (folder / "model_index.json").exists() and (folder / "unet" / "config.json").exists():
-        model_dir, sched = folder / "unet", folder / "scheduler" / "scheduler_config.json"
-    else:
-        model_dir, sched = folder, folder / "scheduler_config.json"
-    if not (model_dir / "config.json").exists():
-        raise TeacherLoadError(f"no model config.json in {model_dir} (expected a diffusers model folder)")
-    if not sched.exists():
-        raise TeacherLoadError(f"no scheduler_config.json for the teacher in {folder}")
-    return model_dir, sched
-
-
-def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True) -> Denoiser:
-    """Load a diffusers teacher (hub id or local folder, either layout) as an EDM denoiser."""
-    import diffusers
-
-    folder = _resolve_folder(path_or_id)
-    model_dir, sched_file = find_teacher_layout(folder)
-    try:
-        model_cfg = json.loads((model_dir / "config.json").read_text())
-        sched_cfg = json.loads(sched_file.read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise TeacherLoadError(f"malformed teacher config in {folder}: {e}") from e
-    cls_name = model_cfg.get("_class_name", "UNet2DModel")
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not issubclass(cls, diffusers.ModelMixin):
-        raise TeacherLoadError(f"teacher model class {cls_name!r} is not a diffusers model")
-    try:
-        net = cls.from_pretrained(model_dir)
-    except Exception as e:
-        raise TeacherLoadError(f"cannot load teacher weights from {model_dir}: {e}") from e
-    net.eval().requires_grad_(False)
-    return build_denoiser(net, sched_cfg, kind, strict_range=strict_range)

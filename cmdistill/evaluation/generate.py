@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .images import save_grid, save_png, to_uint8
+from ..core.schedules import DEFAULT_TEACHER_SPACING
+from ..core.tensors import image_shape
+from ..export.pipeline import ConsistencyPipeline, check_student_folder
+from ..images import save_grid, save_png, to_uint8
 
 RUNS_ROOT = Path("runs")
 
@@ -38,23 +41,17 @@ def find_latest_student(root: str | Path = RUNS_ROOT) -> Path:
 
 
 def load_student(folder: str | Path, device=None, dtype: torch.dtype | None = None):
-    """``ConsistencyPipeline.from_pretrained(folder)`` with a one-line error for folders that are not one."""
-    from .pipeline import ConsistencyPipeline
-
+    """``ConsistencyPipeline.from_pretrained(folder)``; a run folder stands for its ``student/``. A folder that is
+    not a student raises :class:`~cmdistill.export.pipeline.StudentLoadError` (one line)."""
     folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise SampleError(f"{folder} is not a saved ConsistencyPipeline (no model_index.json)")
+    if not (folder / "model_index.json").exists() and (folder / "recipe.yaml").is_file() \
+            and (folder / "student" / "model_index.json").is_file():
+        folder = folder / "student"
+    check_student_folder(folder)
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     pipe = ConsistencyPipeline.from_pretrained(str(folder), **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
-
-
-def image_shape(net) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a diffusers U-Net."""
-    cfg = net.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    return int(cfg.in_channels), int(size), int(size)
 
 
 def initial_noise(num: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Generator]:
@@ -87,11 +84,11 @@ def student_fn(pipe, sigmas: Sequence[float]) -> Callable:
     return lambda z, g: pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent").images
 
 
-def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = None) -> Callable:
+def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = DEFAULT_TEACHER_SPACING) -> Callable:
     """``z, g -> x``: the teacher's deterministic ODE sampler (``ddim``, ``heun`` or ``euler``) over
-    :func:`~cmdistill.sample.teacher_sigmas`."""
-    from .sample import sample_ode, teacher_sigmas
-    from .solvers import SOLVERS
+    :func:`~cmdistill.core.sampling.teacher_sigmas`."""
+    from ..core.sampling import sample_ode, teacher_sigmas
+    from ..core.solvers import SOLVERS
 
     if sampler not in SOLVERS:
         raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SOLVERS))}")
@@ -110,7 +107,8 @@ def sample_student(pipe, num: int, steps: int = 1, sigmas: Sequence[float] | Non
 
 
 def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                   batch_size: int = 256, spacing: str | None = None, progress: bool = True) -> torch.Tensor:
+                   batch_size: int = 256, spacing: str | None = DEFAULT_TEACHER_SPACING,
+                   progress: bool = True) -> torch.Tensor:
     """``num`` teacher samples in [-1, 1] from the same noise convention as :func:`sample_student`."""
     noise, g = initial_noise(num, image_shape(teacher.net), seed)
     device = next(teacher.net.parameters()).device

@@ -1,4 +1,4 @@
-"""Small tensor helpers shared by the numerical core."""
+"""Small tensor helpers shared by the numerical core: broadcasting, precision, host-sync switches, shapes."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +29,8 @@ def as_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     return sigma
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # recipe names of weight dtypes
+
 _checks = threading.local()
 
 
@@ -50,14 +52,8 @@ def skip_sync_checks():
         _checks.enabled = before
 
 
-def peak_memory_summary(device: torch.device | None = None) -> str:
-    """``peak memory 1.23 GiB (process RSS)`` (+ the CUDA allocator's peak on a GPU), for end-of-run reports."""
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss_gib = rss / 2**30 if sys.platform == "darwin" else rss / 2**20
-    out = f"peak memory {rss_gib:.2f} GiB (process RSS)"
-    if device is not None and device.type == "cuda":
-        out += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}"
-    return out
+def image_shape(net) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a diffusers U-Net (its ``sample_size`` is an int or an ``(H, W)`` pair)."""
+    cfg = net.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    return int(cfg.in_channels), int(size), int(size)

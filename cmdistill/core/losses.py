@@ -62,19 +62,23 @@ class LPIPSDistance(nn.Module):
         return self.lpips(self.prepare(pred), self.prepare(tgt), normalize=True).flatten()
 
 
+LPIPS_NETS = ("vgg", "alex")
+
+# recipe name -> builder of the distance callable (``loss.*`` keys as keyword arguments; each takes what it needs)
+DISTANCES: dict[str, Callable[..., Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "lpips": lambda lpips_net="vgg", lpips_resize=224, lpips_pretrained_backbone=True, **_: LPIPSDistance(
+        lpips_net, lpips_resize, lpips_pretrained_backbone),
+    "l2": lambda **_: l2_distance,
+    "l1": lambda **_: l1_distance,
+    "pseudo_huber": lambda huber_c=None, **_: PseudoHuber(huber_c),
+}
+
+
 def make_distance(name: str, **kw) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Distance registry keyed by recipe string: ``lpips``, ``l2``, ``l1``, ``pseudo_huber``."""
-    if name == "lpips":
-        return LPIPSDistance(kw.get("lpips_net", "vgg"), kw.get("lpips_resize", 224),
-                             kw.get("lpips_pretrained_backbone", True))
-    if name == "pseudo_huber":
-        return PseudoHuber(kw.get("huber_c"))
-    if name in DISTANCES:
-        return DISTANCES[name]
-    raise ValueError(f"unknown distance {name!r}; choose one of {sorted(DISTANCES) + ['lpips', 'pseudo_huber']}")
-
-
-DISTANCES: dict[str, Callable] = {"l2": l2_distance, "l1": l1_distance}
+    """The distance named ``name`` (:data:`DISTANCES`: ``lpips``, ``l2``, ``l1``, ``pseudo_huber``)."""
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance {name!r}; choose one of {sorted(DISTANCES)}")
+    return DISTANCES[name](**kw)
 
 
 def uniform_weight(sigma_hi: torch.Tensor, sigma_lo: torch.Tensor) -> torch.Tensor:

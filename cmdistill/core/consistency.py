@@ -1,4 +1,5 @@
-"""The consistency function with its boundary condition, and student construction (CM, Sec. 3)."""
+"""The consistency function with its boundary condition, student and target construction, and the target update
+(Song et al. 2023, "Consistency Models", Sec. 3 and Algorithm 2)."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .prior import start_sample
-from .utils import append_dims, as_sigma, promote
+from .sampling import start_sample
+from .tensors import append_dims, as_sigma, promote
 
 
 def cm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 1.0):
@@ -32,16 +33,19 @@ def lcm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale
 
 
 BOUNDARIES: dict[str, Callable] = {"cm": cm_scalings, "lcm": lcm_scalings}
+# the one default (recipe, ConsistencyFunction, make_student, a pipeline config without the key): with F = the
+# teacher's denoiser, lcm starts the student as that denoiser while cm starts it near 0.5 D at high sigma
+DEFAULT_BOUNDARY = "lcm"
 
 
 class ConsistencyFunction(nn.Module):
-    """``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(x, sigma)`` with ``F`` a denoiser (DESIGN §2).
+    """``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(x, sigma)`` with ``F`` a denoiser (CM eq. 5).
 
     ``F`` is the teacher's adapter around a copy of the teacher's network, so it satisfies the denoiser
     contract; ``f`` does too, which lets samplers treat the student like any other denoiser.
     """
 
-    def __init__(self, denoiser: nn.Module, boundary: str = "cm", sigma_min: float | None = None,
+    def __init__(self, denoiser: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_min: float | None = None,
                  sigma_data: float = 0.5, boundary_scale: float = 10.0, sigma_max: float | None = None):
         super().__init__()
         if boundary not in BOUNDARIES:
@@ -55,7 +59,7 @@ class ConsistencyFunction(nn.Module):
             raise ValueError(f"student sigma_max {self.sigma_max:.4g} must lie in the teacher's range "
                              f"({self.sigma_min:.4g}, {denoiser.sigma_max:.4g}]")
         self.sigma_data = float(sigma_data)
-        self.prior_mean: torch.Tensor | None = None  # [C, H, W] mean of the 1-step start (prior.py); None: 0
+        self.prior_mean: torch.Tensor | None = None  # [C, H, W] mean of the 1-step start; None: 0 (CM)
 
     def scalings(self, sigma: torch.Tensor):
         return BOUNDARIES[self.boundary](sigma, self.sigma_min, self.sigma_data, self.boundary_scale)
@@ -67,7 +71,7 @@ class ConsistencyFunction(nn.Module):
         return c_skip * x + c_out * self.denoiser(x, sigma, **cond)
 
     def start(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
-        """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + sigma z`` (prior.py)."""
+        """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + sigma z`` (:func:`start_sample`)."""
         return start_sample(z, sigma, self.prior_mean)
 
     def consistency_config(self) -> dict:
@@ -79,12 +83,14 @@ class ConsistencyFunction(nn.Module):
         return cfg
 
 
-def make_student(teacher: nn.Module, boundary: str = "cm", sigma_data: float = 0.5,
+def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_data: float = 0.5,
                  boundary_scale: float = 10.0, sigma_max: float | None = None) -> ConsistencyFunction:
     """Student = the teacher's adapter around a *copy* of the teacher network, with the boundary condition on
-    top (DESIGN §2). The copy is trainable; the teacher is untouched. ``sigma_max`` (default: the teacher's)
+    top, so that it starts as the teacher's one-step denoiser (as LCM, Luo et al. 2023, initialises from the
+    teacher). The copy is trainable, in fp32 whatever the teacher's dtype; the teacher is untouched. ``sigma_max`` (default: the teacher's)
     caps the student's range: where its 1-step sampler starts and the top of its training grid."""
     den = copy.deepcopy(teacher)
+    den.net.to(torch.float32)  # fp32 master weights (a half-precision teacher copy would start rounded)
     den.requires_grad_(True).train()
     return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale,
                                sigma_max=sigma_max)
@@ -95,3 +101,28 @@ def make_target(student: nn.Module) -> nn.Module:
     target = copy.deepcopy(student)
     target.requires_grad_(False)
     return target
+
+
+def _pairs(target: nn.Module, online: nn.Module):
+    t_params = [p for p in target.parameters()]
+    o_params = [p.detach() for p in online.parameters()]
+    if len(t_params) != len(o_params):
+        raise ValueError("target and online networks have different parameter lists")
+    return t_params, o_params
+
+
+@torch.no_grad()
+def update_target(target: nn.Module, online: nn.Module, mu: float) -> None:
+    """CM Algorithm 2, last line: ``theta^- <- stopgrad(mu theta^- + (1 - mu) theta)`` with fused foreach ops.
+
+    ``mu = 0`` copies the online weights exactly (a stop-gradient copy, as CM's CIFAR-10 CD and iCT use).
+    Buffers are copied as they are.
+    """
+    t_params, o_params = _pairs(target, online)
+    if mu == 0.0:
+        torch._foreach_copy_(t_params, o_params)
+    else:
+        torch._foreach_lerp_(t_params, o_params, 1.0 - mu)
+    t_bufs, o_bufs = list(target.buffers()), list(online.buffers())
+    if t_bufs:
+        torch._foreach_copy_(t_bufs, o_bufs)

@@ -1,0 +1,56 @@
+"""What the commands do, as Python functions: each composes the layers (training, export, evaluation) that the
+layers themselves never import from one another. ``cmdistill.cli`` parses arguments and calls these."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from .config import Recipe, TeacherRecipe
+
+
+def _with_output_dir(recipe, output_dir):
+    if output_dir is None:
+        return recipe
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, output_dir=str(output_dir)))
+
+
+def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = None, overwrite: bool = False,
+            echo=print) -> Path | None:
+    """Consistency distillation (CM Algorithm 2) as the recipe says, the student exported as a
+    ``ConsistencyPipeline`` in ``<run>/student``, then ``cmdistill evaluate`` on it when ``eval.at_end``.
+    ``output_dir`` overrides ``train.output_dir``; the recipe is not modified. Returns the student folder (``None``
+    on processes other than the main one)."""
+    from accelerate import PartialState
+
+    from .export.pipeline import save_student
+    from .training.distill import Distillation
+    from .training.loop import peak_memory_summary, train
+
+    t_start = time.perf_counter()
+    recipe = _with_output_dir(recipe, output_dir)
+    student_dir = train(recipe, Distillation, lambda task, out: save_student(task.ema.ema_model, out / "student"),
+                        resume=resume, overwrite=overwrite)
+    state = PartialState()
+    if not state.is_main_process:
+        return None
+    out = student_dir.parent
+    if recipe.eval.at_end:
+        from .evaluation.evaluate import evaluate
+
+        evaluate(out, echo=echo)
+    echo(f"finished in {(time.perf_counter() - t_start) / 60:.1f} min, {peak_memory_summary(state.device)}")
+    report = f"report: {out / 'report.md'}; " if recipe.eval.at_end else ""
+    echo(f"student: {student_dir} ({report}sample it with `cmdistill sample --student {student_dir} --steps 1`)")
+    return student_dir
+
+
+def train_teacher(recipe: TeacherRecipe, output_dir: str | None = None, resume: str | None = None,
+                  overwrite: bool = False) -> Path | None:
+    """Train the recipe's DDPM teacher (Ho et al. 2020) and export its EMA as a ``DDPMPipeline`` folder
+    (``train.export_dir``, default ``<run>/pipeline``); return that folder (``None`` on other processes)."""
+    from .training.loop import train
+    from .training.teacher import TeacherTraining, export_teacher
+
+    return train(_with_output_dir(recipe, output_dir), TeacherTraining, export_teacher, resume=resume,
+                 overwrite=overwrite)

@@ -1,0 +1,163 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) as a task of the one training
+loop (:mod:`.loop`). Orchestration only: every diffusion formula lives in :mod:`cmdistill.core`.
+
+Phases, each a short function: :func:`build_models` (teacher adapter, student, target, evaluation EMA),
+:func:`build_data` (the dataset, checked against the teacher, and the 1-step prior mean), :func:`build_loss`,
+:func:`build_pairs` (the pair schedule, checked once against the teacher's range), then the task's per-step
+:meth:`Distillation.loss` (CM Algorithm 2, lines 3-7, through :func:`cmdistill.core.cd_step.cd_loss`), its
+updates and sample grids. What it trains, the evaluation-EMA consistency function ``Distillation.ema.ema_model``,
+is exported by the caller (:func:`cmdistill.commands.distill` through :mod:`cmdistill.export`): training never
+imports the export or evaluation layers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config import ConfigError, Recipe
+from ..core.cd_step import cd_loss
+from ..core.consistency import make_student, make_target, update_target
+from ..core.losses import get_weighting, make_distance
+from ..core.sampling import sample_consistency
+from ..core.schedules import PairSchedule
+from ..core.tensors import DTYPES, image_shape
+from ..data import DataError, StepBatchSampler, check_fits, make_dataset, prior_mean
+from ..images import save_grid
+from ..teachers import load_teacher
+from .ema import make_eval_ema
+from .optim import make_lr_schedule, make_optimizer
+from .speed import configure_networks, to_device
+
+
+def build_models(recipe: Recipe, device):
+    """Teacher adapter, student (copy of the teacher network + boundary condition), target and evaluation EMA.
+
+    The student is copied from the teacher *before* the teacher is cast to ``teacher.dtype``, so it starts from the
+    teacher's full-precision weights, and trains in fp32 master weights."""
+    teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind).to(device)
+    sc = recipe.student
+    if sc.sigma_max is not None and not teacher.sigma_min < sc.sigma_max <= teacher.sigma_max:
+        raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
+                          f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
+    student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max).to(device)
+    teacher.net.to(DTYPES[recipe.teacher.dtype])  # no gradients flow through the teacher
+    target = make_target(student)
+    ema = make_eval_ema(student, sc.ema_decay, sc.ema_update_after_step, sc.ema_power).to(device)
+    return teacher, student, target, ema
+
+
+def build_data(recipe: Recipe, teacher) -> Dataset:
+    """The training images, checked against the teacher's channels and resolution."""
+    channels, resolution, _ = image_shape(teacher.net)
+    dc = recipe.data
+    if dc.resolution is not None and dc.resolution != resolution:
+        raise DataError(f"data.resolution is {dc.resolution} but the teacher {recipe.teacher.path!r} works at "
+                        f"{resolution}x{resolution}; set data.resolution to {resolution} or null")
+    ds = make_dataset(dc.name, dc.root, dc.resolution or resolution, channels)
+    check_fits(ds, resolution, channels, dc.name)
+    return ds
+
+
+def build_loss(lc, device):
+    """The distance ``d`` and weighting ``lambda`` of CM Algorithm 2, line 7, keyed by ``loss.*``."""
+    distance = make_distance(lc.distance, lpips_net=lc.lpips_net, lpips_resize=lc.lpips_resize, huber_c=lc.huber_c,
+                             lpips_pretrained_backbone=lc.lpips_pretrained)
+    if isinstance(distance, torch.nn.Module):
+        distance.to(device)
+    return distance, get_weighting(lc.weighting)
+
+
+def build_pairs(recipe: Recipe, teacher, student) -> PairSchedule:
+    """The pair schedule over the *student's* range, checked once, on the host, to lie inside the teacher's trained
+    range (so the step runs without per-call checks, each a host sync on a GPU)."""
+    sch, steps = recipe.schedule, recipe.train.max_steps
+    pairs = PairSchedule(sch.grid, teacher.sigma_min, student.sigma_max, sch.num_scales, sch.rho, sch.curriculum,
+                         sch.num_scales_start, steps, sch.pairs, sch.p_mean, sch.p_std,
+                         getattr(teacher, "sigma_table", None), sch.skip)
+    for at in (0, steps):
+        teacher.check_range(pairs.grid_and_probs(at)[0])
+    return pairs
+
+
+class Distillation:
+    """CM Algorithm 2 for :func:`cmdistill.training.loop.train`. ``dataset`` replaces the recipe's data (the step
+    benchmark feeds random images through the very same step)."""
+
+    name = "distill"
+    CHECKPOINT_MODULES = ("target", "ema")
+    OUTPUTS = ("student",)
+
+    def __init__(self, recipe: Recipe, accelerator, dataset: Dataset | None = None):
+        self.recipe, self.acc = recipe, accelerator
+        device, tc = accelerator.device, recipe.train
+        self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
+        configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
+                           compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
+        self.dataset = dataset if dataset is not None else build_data(recipe, self.teacher)
+        mean = prior_mean(recipe.student.prior, self.dataset, recipe.data.hflip)  # where 1-step sampling starts
+        for fn in (self.student, self.target, self.ema.ema_model):
+            fn.prior_mean = None if mean is None else mean.to(device)
+        self.distance, self.weighting = build_loss(recipe.loss, device)
+        self.pairs = build_pairs(recipe, self.teacher, self.student)
+        opt = make_optimizer(self.student.parameters(), recipe.optim)
+        self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
+        self.model, self.optimizer = accelerator.prepare(self.student, opt)
+        self.flip_gen = torch.Generator().manual_seed(tc.seed + 1 + accelerator.process_index)
+        self.modules = {"target": self.target, "ema": self.ema}
+        self.generators = {"flip": self.flip_gen}
+        c, h, w = image_shape(self.teacher.net)
+        self.sample_noise = torch.randn(tc.num_sample_images, c, h, w,
+                                        generator=torch.Generator().manual_seed(tc.seed)).to(device)
+        self.batches = None
+
+    def start(self, step: int) -> None:
+        """The data stream from optimiser step ``step`` on: batch positions are a pure function of the step."""
+        tc, dc, acc = self.recipe.train, self.recipe.data, self.acc
+        sampler = StepBatchSampler(len(self.dataset), tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
+                                   acc.process_index, acc.num_processes)
+        # its own generator: creating the iterator must not draw from the global RNG (worker seeds only)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=dc.num_workers,
+                                             pin_memory=acc.device.type == "cuda",
+                                             persistent_workers=dc.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(tc.seed))
+        self.batches = iter(loader)
+
+    def next_batch(self) -> torch.Tensor:
+        """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``."""
+        (x0,) = next(self.batches)[:1]
+        device = self.acc.device
+        x0 = x0.to(device, non_blocking=True)
+        if self.recipe.data.hflip:
+            flip = torch.rand(x0.shape[0], generator=self.flip_gen) < 0.5
+            x0 = torch.where(to_device(flip, device)[:, None, None, None], x0.flip(-1), x0)
+        return x0
+
+    def loss(self, step: int) -> torch.Tensor:
+        """CM Algorithm 2, lines 3-7 on the next micro-batch: pair ``(sigma_hi, sigma_lo)``, teacher ODE step, student
+        and target outputs, weighted distance."""
+        x0 = self.next_batch()
+        sigma_hi, sigma_lo = (to_device(t, self.acc.device) for t in self.pairs.sample(x0.shape[0], step))
+        return cd_loss(self.model, self.target, self.teacher, x0, sigma_hi, sigma_lo, self.distance, self.weighting,
+                       self.recipe.solver.name, self.recipe.solver.substeps).loss
+
+    def after_update(self) -> None:
+        update_target(self.target, self.student, self.recipe.student.target_decay)
+        self.ema.update()
+
+    def finite_modules(self):
+        return self.student, self.target, self.ema
+
+    @torch.no_grad()
+    def save_samples(self, path: Path) -> None:
+        """1-step samples of the evaluation EMA in eval mode, on a forked RNG (training draws are not disturbed)."""
+        fn, device = self.ema.ema_model, self.acc.device
+        was_training = fn.training
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.acc.autocast():
+            fn.eval()
+            try:
+                x = sample_consistency(fn, self.sample_noise, [fn.sigma_max])
+            finally:
+                fn.train(was_training)
+        save_grid(x, path)

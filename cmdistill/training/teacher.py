@@ -1,0 +1,152 @@
+"""Train a small DDPM teacher (Ho et al. 2020, "Denoising diffusion probabilistic models", Algorithm 1) as a task of
+the one training loop (:mod:`.loop`), and export it as a ``DDPMPipeline`` folder.
+
+This is how the shipped digits teacher (``recipes/teachers/digits``) was made: a diffusers ``UNet2DModel``
+trained to predict ``epsilon`` (or ``v`` / ``x0``) under a ``DDPMScheduler``, with an ema-pytorch EMA of its
+weights, which is what gets exported. Its recipe is :class:`cmdistill.config.TeacherRecipe`, read by the same
+strict loader as the distillation recipe.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config import ConfigError, NoiseConfig, TeacherRecipe, UNetConfig
+from ..data import StepBatchSampler, check_fits, make_dataset
+from ..images import save_grid
+from .ema import make_eval_ema
+from .optim import make_lr_schedule, make_optimizer
+
+
+def make_unet(cfg: UNetConfig):
+    """A fresh ``UNet2DModel`` from the recipe (shape errors become one-line recipe errors)."""
+    from diffusers import UNet2DModel
+
+    kw = dataclasses.asdict(cfg)
+    kw["out_channels"] = kw["in_channels"]
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        kw[k] = tuple(kw[k])
+    try:
+        return UNet2DModel(**kw)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"bad 'unet' section: {e}") from None
+
+
+def make_scheduler(cfg: NoiseConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**dataclasses.asdict(cfg))
+
+
+# what the network regresses onto, keyed by the scheduler's prediction_type (x0, noise, t -> target)
+TARGETS: dict[str, Callable] = {
+    "epsilon": lambda sched, x0, noise, t: noise,
+    "v_prediction": lambda sched, x0, noise, t: sched.get_velocity(x0, noise, t),
+    "sample": lambda sched, x0, noise, t: x0,
+}
+
+
+def ddpm_loss(unet, sched, x0: torch.Tensor) -> torch.Tensor:
+    """Ho et al. (2020) Algorithm 1: ``t ~ U{0..T-1}``, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``,
+    mean squared error between the network output and the prediction target. Draws from the global RNG, which
+    the training loop checkpoints and restores like every other stream."""
+    noise = torch.randn(x0.shape).to(x0.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],)).to(x0.device)
+    x_t = sched.add_noise(x0, noise, t)
+    out = unet(x_t, t).sample
+    tgt = TARGETS[sched.config.prediction_type](sched, x0, noise, t)
+    return torch.nn.functional.mse_loss(out.float(), tgt.float())
+
+
+@torch.no_grad()
+def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0) -> torch.Tensor:
+    """``n`` deterministic DDIM samples of ``unet`` through the package's own teacher adapter and sampler."""
+    from ..core.denoisers import build_denoiser
+    from ..core.sampling import sample_ode, teacher_sigmas
+    from ..core.tensors import image_shape
+
+    den = build_denoiser(unet, dict(sched.config), "ddpm")
+    noise = torch.randn(n, *image_shape(unet), generator=torch.Generator().manual_seed(seed))
+    return sample_ode(den, noise.to(unet.device), teacher_sigmas(den, steps, spacing=None), "ddim")
+
+
+class TeacherTraining:
+    """DDPM Algorithm 1 for :func:`cmdistill.training.loop.train`: the U-Net trained, its EMA sampled and exported."""
+
+    name = "teacher"
+    CHECKPOINT_MODULES = ("ema",)
+    OUTPUTS = ("pipeline",)
+
+    def __init__(self, recipe: TeacherRecipe, accelerator, dataset: Dataset | None = None):
+        self.recipe, self.acc = recipe, accelerator
+        dc, uc, tc = recipe.data, recipe.unet, recipe.train
+        if dc.resolution is not None and dc.resolution != uc.sample_size:
+            raise ConfigError(f"'data.resolution' ({dc.resolution}) must be null or unet.sample_size "
+                              f"({uc.sample_size})")
+        if dataset is None:
+            dataset = make_dataset(dc.name, dc.root, uc.sample_size, uc.in_channels)
+            check_fits(dataset, uc.sample_size, uc.in_channels, dc.name)
+        self.dataset = dataset
+        unet = make_unet(uc).to(accelerator.device)
+        self.scheduler = make_scheduler(recipe.scheduler)
+        self.ema = make_eval_ema(unet, tc.ema_decay, 0, tc.ema_power).to(accelerator.device)
+        opt = make_optimizer(unet.parameters(), recipe.optim)
+        self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
+        self.model, self.optimizer = accelerator.prepare(unet, opt)
+        self.flip_gen = torch.Generator().manual_seed(tc.seed + 1 + accelerator.process_index)
+        self.modules = {"ema": self.ema}
+        self.generators = {"flip": self.flip_gen}
+        self.batches = None
+        n_params = sum(p.numel() for p in unet.parameters())
+        accelerator.print(f"teacher U-Net: {n_params / 1e6:.2f} M parameters; data {dc.name}: {len(dataset)} images")
+
+    def start(self, step: int) -> None:
+        """The data stream from optimiser step ``step`` on (batch positions are a pure function of the step)."""
+        tc, acc = self.recipe.train, self.acc
+        sampler = StepBatchSampler(len(self.dataset), tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
+                                   acc.process_index, acc.num_processes)
+        self.batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
+                                                        num_workers=self.recipe.data.num_workers,
+                                                        generator=torch.Generator().manual_seed(tc.seed)))
+
+    def loss(self, step: int) -> torch.Tensor:
+        (x0,) = next(self.batches)[:1]
+        x0 = x0.to(self.acc.device)
+        if self.recipe.data.hflip:
+            flip = torch.rand(x0.shape[0], generator=self.flip_gen) < 0.5
+            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        return ddpm_loss(self.model, self.scheduler, x0)
+
+    def after_update(self) -> None:
+        self.ema.update()
+
+    def finite_modules(self):
+        return self.model, self.ema
+
+    def save_samples(self, path: Path) -> None:
+        tc = self.recipe.train
+        with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+            save_grid(sample_teacher_grid(self.ema.ema_model, self.scheduler, tc.num_sample_images, tc.sample_steps,
+                                          tc.seed), path)
+
+
+def export_pipeline(unet, sched, folder: Path) -> Path:
+    """Write a ``DDPMPipeline`` folder (model_index.json, unet/, scheduler/; safetensors). Other subfolders
+    already there (e.g. a shipped ``classifier/``) are left alone."""
+    from diffusers import DDPMPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def export_teacher(task: TeacherTraining, out: Path) -> Path:
+    """The EMA weights as a ``DDPMPipeline`` in ``train.export_dir`` (default ``<output_dir>/pipeline``)."""
+    tc = task.recipe.train
+    folder = Path(tc.export_dir) if tc.export_dir else out / "pipeline"
+    return export_pipeline(copy.deepcopy(task.ema.ema_model).eval(), task.scheduler, folder)
