@@ -5,7 +5,7 @@ comparison is pure wall time: quality is not measured here).
 * bare forward: ``unet(x, t).sample`` under ``torch.no_grad`` on a fixed ``[B, C, H, W]`` input;
 * pipeline 1-step: ``pipe(batch_size=B, num_inference_steps=1, generator=g, output_type=...)``: draws the noise,
   applies the adapter's preconditioning and the boundary condition (fp32), runs the U-Net once, maps to [0, 1];
-* teacher 50-step DDIM: ``cmdistill.sample.sample_ode`` over diffusers' DDIM timesteps (what ``cmdistill sample
+* teacher 50-step DDIM: ``cmdistill.core.sampling.sample_ode`` over diffusers' DDIM timesteps (what ``cmdistill sample
   --teacher`` runs), 50 U-Net calls.
 
 Cases run round-robin, each 1-step case right after one untimed call of itself: first rounds of (bare, pipeline),

@@ -226,7 +226,7 @@ def run(args, recipe, device) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     if args.loader_batches:
-        out.update(loader_throughput(recipe, int(cfg.sample_size), int(cfg.in_channels), args.loader_batches,
+        out.update(loader_throughput(recipe, res_, ch, args.loader_batches,
                                      device, args.loader_batch))
     return out
 

@@ -1,5 +1,4 @@
 """Boundary condition, target updates, shared dropout masks, and the CD loss on toy denoisers."""
-import copy
 
 import pytest
 import torch

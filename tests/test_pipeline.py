@@ -60,7 +60,7 @@ def test_save_writes_model_index_and_safetensors(saved, student):
     assert sched["prediction_type"] == "epsilon" and sched["num_train_timesteps"] == 1000
     cc = index["consistency"]
     assert cc["sigma_min"] == student.sigma_min and cc["sigma_max"] == student.sigma_max
-    assert cc["sigma_data"] == 0.5 and cc["boundary"] == "cm"
+    assert cc["sigma_data"] == 0.5 and cc["boundary"] == "lcm"  # the one default (core.consistency)
     assert index["multistep_sigmas"]["4"] == SIGMAS4
 
 
@@ -88,15 +88,21 @@ def test_one_step_is_f_at_sigma_max(pipe, student):
     assert torch.allclose(run(pipe, 1, output_type="pt"), (expected / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
 
-def test_multistep_follows_algorithm_1(pipe, student):
+@pytest.mark.parametrize("clip", [True, False])
+def test_multistep_follows_algorithm_1(pipe, student, clip):
+    """CM Algorithm 1; with ``clip_denoised`` (the default, as CM's code) each intermediate sample is clamped to
+    the data range before it is noised again."""
     g = torch.Generator().manual_seed(7)
     z = torch.randn(3, 1, 8, 8, generator=g)
     with torch.no_grad():
         x = student(SIGMAS4[0] * z, SIGMAS4[0])
         for tau in SIGMAS4[1:]:
+            x = x.clamp(-1, 1) if clip else x
             x = student(x + math.sqrt(tau**2 - student.sigma_min**2) * torch.randn(3, 1, 8, 8, generator=g), tau)
-    out = run(pipe, 4, seed=7)  # the stored 4-step sigmas are SIGMAS4
+    out = run(pipe, 4, seed=7, clip_denoised=clip)  # the stored 4-step sigmas are SIGMAS4
     assert torch.allclose(out, x, rtol=1e-6, atol=1e-5)
+    if not clip:
+        assert not torch.allclose(out, run(pipe, 4, seed=7), rtol=1e-6, atol=1e-5)  # the random student overshoots
     # explicit sigmas override the table; the package's sampler agrees
     out2 = pipe(batch_size=3, sigmas=[100.0, 1.0], generator=torch.Generator().manual_seed(1),
                 output_type="latent").images

@@ -92,7 +92,7 @@ def test_teacher_sampling(tiny_teacher_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ((), "no distilled student found"),
-    (("--student", "{tmp}"), "not a saved ConsistencyPipeline"),
+    (("--student", "{tmp}"), "expected a saved ConsistencyPipeline"),
     (("--student", "{run}/student", "--sigmas", "1,100"), "strictly descending"),
     (("--student", "{run}/student", "--sigmas", "100,1", "--steps", "3"), "does not match"),
 ])

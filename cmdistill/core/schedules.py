@@ -35,7 +35,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     scale ``sqrt(abar)`` so that it ends at exactly 0 (zero terminal SNR) while its first value is unchanged."""
     ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
-    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab_sqrt = (ab_sqrt - last) * (first / (first - last))  # diffusers' order of float32 operations
     ab = ab_sqrt**2
     alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
     return 1 - alphas

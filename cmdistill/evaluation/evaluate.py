@@ -206,7 +206,7 @@ def load_run(run_dir: Path, teacher_path: str | None, device) -> EvalRun:
         raise EvalError(f"{run_dir} is not a cmdistill run folder (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     teacher_path = teacher_path or recipe.teacher.path
-    pipe = load_student(run_dir / "student", device)
+    pipe = load_student(run_dir, device)  # the run's student/, or one line saying the run has none
     teacher = load_teacher(teacher_path, recipe.teacher.kind).to(device)
     shape = image_shape(pipe.unet)
     if shape != image_shape(teacher.net):

@@ -2,7 +2,6 @@
 Algorithm 2's last line, is :func:`cmdistill.core.consistency.update_target`."""
 from __future__ import annotations
 
-import torch
 from ema_pytorch import EMA
 from torch import nn
 
