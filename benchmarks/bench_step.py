@@ -237,7 +237,7 @@ def loader_throughput(recipe, resolution: int, channels: int, n_batches: int, de
 
     ``cifar10`` cannot be downloaded offline: an in-memory uint8 stand-in of CIFAR-10's size goes through the same
     ``__getitem__`` as the real one."""
-    from cmdistill.data import StepBatchSampler, make_dataset
+    from cmdistill.data import make_dataset, step_loader
 
     dc, tc = recipe.data, recipe.train
     if dc.name == "cifar10":
@@ -246,16 +246,13 @@ def loader_throughput(recipe, resolution: int, channels: int, n_batches: int, de
         ds = D._Cifar(torch.randint(0, 256, (50000, resolution, resolution, channels), dtype=torch.uint8).numpy())
     else:
         ds = make_dataset(dc.name, dc.root, dc.resolution or resolution, channels)
-    sampler = StepBatchSampler(len(ds), batch, tc.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=dc.num_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=dc.num_workers > 0)
-    it = iter(loader)
+    it = step_loader(ds, batch, tc.seed, 0, num_workers=dc.num_workers, pin_memory=device.type == "cuda")
     next(it)  # start-up (worker processes) untimed
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(it)
     dt = time.perf_counter() - t0
-    del it, loader
+    del it
     return {"loader_images_per_s": n_batches * batch / dt, "loader_workers": dc.num_workers, "loader_batch": batch,
             "loader_dataset": dc.name if dc.name != "cifar10" else "cifar10-sized in-memory stand-in"}
 

@@ -244,32 +244,61 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
               show_default=True, help=SPACING_HELP)
 @click.option("--max-steps", type=click.IntRange(1, 8), default=4, show_default=True,
               help="Evaluate the student and the teacher's DDIM at 1…K steps.")
-@click.option("--search-sigmas/--no-search-sigmas", default=None, show_default=True,
-              help="Pick the 2…K-step sigmas by FID and store them in the student (default: eval.search_sigmas).")
+@click.option("--search-sigmas", is_flag=True,
+              help="Pick the 2…K-step sigmas by FID (CM's greedy search, on noise disjoint from the evaluation's) "
+                   "and use them for this report.")
+@click.option("--store", is_flag=True, help="With --search-sigmas: write the sigmas found into <run>/student.")
 @click.option("--search-num", type=click.IntRange(min=2), default=None, show_default=True,
               help="Samples per search trial (default: min(--num, 500)).")
 @click.option("--search-candidates", type=click.IntRange(min=1), default=12, show_default=True,
               help="Candidate noise levels of the sigma search (interior of a Karras grid).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the evaluation noise (the sigma search uses seed + 1000).")
+              help="First seed of the evaluation noise (the sigma search uses seed + 1000).")
+@click.option("--seeds", type=click.IntRange(1, 100), default=None, show_default=True,
+              help="Repeat the sampling with this many noise seeds and report mean ± std (default: eval.seeds).")
+@click.option("--baseline-nfe", default=None, metavar="N1,N2,…", show_default=True,
+              help="Network-evaluation budgets of the training-free baselines (default: eval.baseline_nfe).")
+@click.option("--checkpoints", default=None, metavar="all|STEP,…", show_default=True,
+              help="Instead: score the evaluation-EMA weights of these saved checkpoints (read only) and write "
+                   "curve.json and curve.png.")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when its weights are cached.")
 @friendly_errors
 def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, teacher_steps, teacher_spacing,
-             max_steps, search_sigmas, search_num, search_candidates, seed, device, no_lpips):
-    """FID of the student at 1…K steps, of the teacher's DDIM-k and 50-step samplers, paired distances to the
-    teacher from the same noise, images/s; writes report.json, report.md and side_by_side.png in RUN_DIR
-    (default: the newest run under ./runs)."""
+             max_steps, search_sigmas, store, search_num, search_candidates, seed, seeds, baseline_nfe, checkpoints,
+             device, no_lpips):
+    """Measure a run: the student at 1…K steps against the teacher's DDIM-k and 50-step samplers and the
+    training-free baselines (DPM-Solver++ 2M, UniPC, Heun-Karras): FID, precision, recall, paired distances to the
+    teacher from the same noise, images/s, headline speed-ups. Writes report.json, report.md and side_by_side.png
+    in RUN_DIR (default: the newest run under ./runs) and changes nothing else (unless --store)."""
     from pathlib import Path
 
     from .evaluation import generate as G
+    from .evaluation.evaluate import EvalError
     from .evaluation.evaluate import evaluate as run
 
     if run_dir is None:
         run_dir = G.find_latest_student().parent
         click.echo(f"evaluating {run_dir} (newest run under ./{G.RUNS_ROOT})")
+    if store and not search_sigmas:
+        raise EvalError("--store stores the sigmas that --search-sigmas finds; pass both")
+    nfe = None
+    if baseline_nfe is not None:
+        try:
+            nfe = [int(n) for n in baseline_nfe.replace(",", " ").split()]
+        except ValueError:
+            raise EvalError(f"--baseline-nfe takes integers separated by commas, got {baseline_nfe!r}") from None
+        if not nfe or min(nfe) < 1:
+            raise EvalError(f"--baseline-nfe takes positive integers, got {baseline_nfe!r}")
+    if checkpoints is not None:
+        from .evaluation.curve import evaluate_checkpoints
+
+        evaluate_checkpoints(Path(run_dir), checkpoints, num, batch_size, feature_net, seed, device,
+                             echo=click.echo)
+        return
     run(Path(run_dir), num, batch_size, max_steps, teacher_steps, teacher_sampler, teacher_spacing, feature_net,
-        teacher, search_sigmas, search_num, search_candidates, seed, device, not no_lpips, echo=click.echo)
+        teacher, search_sigmas, search_num, search_candidates, seed, device, not no_lpips, echo=click.echo,
+        store_sigmas=store, seeds=seeds, baseline_nfe=nfe)
 
 
 @main.command("train-classifier")

@@ -18,7 +18,8 @@ def _with_output_dir(recipe, output_dir):
 def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = None, overwrite: bool = False,
             echo=print) -> Path | None:
     """Consistency distillation (CM Algorithm 2) as the recipe says, the student exported as a
-    ``ConsistencyPipeline`` in ``<run>/student``, then ``cmdistill evaluate`` on it when ``eval.at_end``.
+    ``ConsistencyPipeline`` in ``<run>/student``, then ``cmdistill evaluate`` on it when ``eval.at_end`` (with the
+    sigma search stored in the student when ``eval.search_sigmas``) and the checkpoint curve when ``eval.curve``.
     ``output_dir`` overrides ``train.output_dir``; the recipe is not modified. Returns the student folder (``None``
     on processes other than the main one)."""
     from accelerate import PartialState
@@ -35,10 +36,15 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     if not state.is_main_process:
         return None
     out = student_dir.parent
-    if recipe.eval.at_end:
+    ec = recipe.eval
+    if ec.at_end:  # the recipe asks for the sigma search: then it is stored in the student
         from .evaluation.evaluate import evaluate
 
-        evaluate(out, echo=echo)
+        evaluate(out, echo=echo, search_sigmas=ec.search_sigmas, store_sigmas=ec.search_sigmas)
+    if ec.curve:
+        from .evaluation.curve import evaluate_checkpoints
+
+        evaluate_checkpoints(out, "all", echo=echo)
     echo(f"finished in {(time.perf_counter() - t_start) / 60:.1f} min, {peak_memory_summary(state.device)}")
     report = f"report: {out / 'report.md'}; " if recipe.eval.at_end else ""
     echo(f"student: {student_dir} ({report}sample it with `cmdistill sample --student {student_dir} --steps 1`)")

@@ -123,7 +123,11 @@ class EvalConfig:
     num_samples: int = 1000
     feature_net: str = "inception"         # inception | digits
     batch_size: int = 250
-    search_sigmas: bool = False            # first pick the 2-4-step sigmas by FID (`evaluate --search-sigmas`)
+    search_sigmas: bool = False            # at the end of distill: pick the 2-4-step sigmas by FID, store them
+    seeds: int = 1                         # noise seeds per sampler (mean ± std when > 1)
+    baselines: list = field(default_factory=lambda: ["dpm++2m", "unipc", "heun-karras"])  # training-free samplers
+    baseline_nfe: list = field(default_factory=lambda: [2, 4, 8])  # their budgets of network evaluations
+    curve: bool = False                    # at the end of distill: score every kept checkpoint (curve.json/png)
 
 
 @dataclass
@@ -227,7 +231,7 @@ def choices() -> dict[str, tuple]:
 POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip", "solver.substeps",
             "train.batch_size", "train.grad_accum", "train.max_steps", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.num_sample_images", "optim.lr",
-            "eval.num_samples", "eval.batch_size", "train.sample_steps", "unet.sample_size", "unet.in_channels",
+            "eval.num_samples", "eval.batch_size", "eval.seeds", "train.sample_steps", "unet.sample_size", "unet.in_channels",
             "unet.layers_per_block", "unet.attention_head_dim", "unet.norm_num_groups",
             "scheduler.num_train_timesteps", "scheduler.beta_start", "scheduler.beta_end"}
 UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay", "unet.dropout"}
@@ -338,6 +342,14 @@ def validate(recipe):
 
 
 def _check_distill(recipe: Recipe) -> None:
+    from .evaluation.baselines import BASELINES
+
+    ec = recipe.eval
+    for b in ec.baselines:
+        if b not in BASELINES:
+            raise ConfigError(f"'eval.baselines' entries must be among {', '.join(BASELINES)}; got {b!r}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in ec.baseline_nfe):
+        raise ConfigError(f"'eval.baseline_nfe' must be a list of positive integers, got {ec.baseline_nfe!r}")
     sch = recipe.schedule
     if sch.num_scales < 2 or sch.num_scales_start < 2:
         raise ConfigError("'schedule.num_scales' and 'schedule.num_scales_start' must be at least 2 (grid points)")

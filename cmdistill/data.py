@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
+from .core.tensors import to_device
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -160,6 +162,24 @@ class StepBatchSampler(Sampler):
 
     def __len__(self):  # effectively infinite
         return 2**62
+
+
+def step_loader(ds: Dataset, micro_batch: int, seed: int, start: int, rank: int = 0, world: int = 1,
+                num_workers: int = 0, pin_memory: bool = False):
+    """An iterator over the micro-batches of :class:`StepBatchSampler` from micro-step ``start`` on (the training
+    loop's data stream). The DataLoader has its own generator: creating the iterator draws nothing from the
+    global RNG (only worker seeds come from it)."""
+    sampler = StepBatchSampler(len(ds), micro_batch, seed, start, rank, world)
+    return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers,
+                                            pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                            generator=torch.Generator().manual_seed(seed)))
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image with probability 1/2; the coin flips come from ``generator`` (a CPU generator that the
+    training loop checkpoints), copied to ``x``'s device without a host sync."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(to_device(flip, x.device)[:, None, None, None], x.flip(-1), x)
 
 
 # --------------------------------------------------------------------------- the 1-step prior mean (student.prior)

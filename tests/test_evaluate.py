@@ -44,10 +44,11 @@ def strict_json(path):
 
 def test_report_is_complete(run_copy):
     lines = []
-    report = evaluate(run_copy, feature_net=TinyFeatures(), echo=lines.append, progress=False)
+    report = evaluate(run_copy, feature_net=TinyFeatures(), echo=lines.append, progress=False, baseline_nfe=[2, 4])
     on_disk = strict_json(run_copy / "report.json")
     assert on_disk["samplers"].keys() == report["samplers"].keys()
     names = ["teacher-ddim-50"] + [f"student-{k}" for k in range(1, 5)] + [f"teacher-ddim-{k}" for k in range(1, 5)]
+    names += ["dpm++2m-2", "dpm++2m-4", "unipc-2", "unipc-4", "heun-karras-1", "heun-karras-3"]
     assert list(on_disk["samplers"]) == names
     assert on_disk["num_samples"] == 16 and on_disk["num_real"] == 1797  # from the run's recipe / the digits
     assert on_disk["feature_net"] == "TinyFeatures" and on_disk["reference"] == "teacher-ddim-50"
@@ -66,7 +67,7 @@ def test_report_is_complete(run_copy):
     assert "| student-1 | 1 |" in md and "side_by_side.png" in md
     assert any("| teacher-ddim-50 | 50 |" in line for line in lines)  # the table went to stdout
     w, h = Image.open(run_copy / "side_by_side.png").size
-    assert h == 4 * (8 * 8 + 2) and w > 8 * 8 * 8  # teacher-50 + student 1/2/4 rows, 8 columns at 8x
+    assert h == 5 * (8 * 8 + 2) and w > 8 * 8 * 8  # teacher-50, student 1/2/4, best baseline at <= 4 NFE; 8 columns
 
 
 def test_end_of_distill_report(tiny_run_dir):
@@ -75,6 +76,8 @@ def test_end_of_distill_report(tiny_run_dir):
     assert report["feature_net_test_accuracy"] > 0.97
     assert 0 < report["fid_floor_real_vs_real"] < min(s["fid"] for s in report["samplers"].values())
     assert (tiny_run_dir / "report.md").is_file() and (tiny_run_dir / "side_by_side.png").is_file()
+    curve = json.loads((tiny_run_dir / "curve.json").read_text())  # eval.curve of recipes/digits.yaml
+    assert [c["step"] for c in curve["checkpoints"]] == [2] and "teacher-ddim-50" in curve["reference"]
 
 
 def test_paired_distances():
@@ -84,6 +87,20 @@ def test_paired_distances():
     assert paired_distances(ref, ref) == {"mse": 0.0, "psnr": None, "lpips": None}
     d = paired_distances(ref + 0.2, ref, lpips=lambda a, b: (a - b).abs().flatten(1).mean(1) + 0 * a.sum())
     assert d["lpips"] == pytest.approx(0.2)
+
+
+def test_fid_meter_matches_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real = digits_dataset("").tensors[0][:400]
+    fake = real.flip(-1)[:300]
+    feats = TinyFeatures()  # one instance: the conv bias is drawn from the global RNG
+    tm = FrechetInceptionDistance(feature=feats, normalize=True)
+    for x, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(x), 250):
+            tm.update(((x[i:i + 250] + 1) / 2).clamp(0, 1), real=is_real)
+    ours = FIDMeter(feats).add_real(real)(fake)
+    assert ours == pytest.approx(float(tm.compute()), rel=1e-6)
 
 
 def test_fid_meter():
@@ -122,7 +139,8 @@ def test_greedy_sigma_search_inserts_below_or_between():
 def test_search_sigmas_are_stored_in_the_pipeline(run_copy):
     before = ConsistencyPipeline.from_pretrained(run_copy / "student")
     report = evaluate(run_copy, num_samples=8, max_steps=3, teacher_steps=3, feature_net=TinyFeatures(),
-                      search_sigmas=True, search_num=8, search_candidates=3, echo=lambda s: None, progress=False)
+                      search_sigmas=True, store_sigmas=True, search_num=8, search_candidates=3, baseline_nfe=[2],
+                      echo=lambda s: None, progress=False)
     after = ConsistencyPipeline.from_pretrained(run_copy / "student")
     search = strict_json(run_copy / "report.json")["sigma_search"]
     cands = candidate_taus(before.consistency_function.sigma_min, before.consistency_function.sigma_max, 3)

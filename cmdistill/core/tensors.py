@@ -57,3 +57,11 @@ def image_shape(net) -> tuple[int, int, int]:
     cfg = net.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     return int(cfg.in_channels), int(size), int(size)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor (sigmas, flip masks) to ``device`` without a host sync: a pageable copy to a GPU
+    waits for the stream, a pinned one with ``non_blocking=True`` does not."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

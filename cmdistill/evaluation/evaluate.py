@@ -1,14 +1,18 @@
-"""``cmdistill evaluate RUN_DIR``: the student at 1…4 steps against its teacher.
+"""``cmdistill evaluate RUN_DIR``: the student at 1…K steps against its teacher and the teacher's best
+training-free few-step samplers.
 
-For k = 1…K: FID of the student (CM Algorithm 1) and of the teacher's DDIM-k, plus the teacher's 50-step FID;
-for every sampler the paired distance (MSE, PSNR, LPIPS where its weights are available) to the teacher-50
-samples drawn from the same initial noise; images per second; a side-by-side PNG (teacher-50 row, student rows);
-``report.json`` and ``report.md`` in the run folder. ``--search-sigmas`` first picks the 2/3/4-step sigmas by
-FID (CM's greedy one-at-a-time search over a candidate grid) and stores them in ``<run>/student``.
+Every sampler starts from the same unit noise: the student (CM Algorithm 1) at 1…K steps, the teacher's DDIM at
+1…K and 50 steps, and the training-free baselines (:mod:`.baselines`: DPM-Solver++ 2M, UniPC, Heun on a Karras
+grid) at the recipe's NFE budgets. For each: FID, precision and recall (:mod:`.metrics`) in one feature space,
+paired distances (MSE, PSNR, LPIPS where its weights are available) to the teacher-50 samples from the same noise,
+images per second; the headline rows (:func:`.report.headline`); ``report.json``, ``report.md`` and
+``side_by_side.png`` in the run folder. ``--seeds N`` repeats everything over N noise seeds (mean ± std).
+
+Measuring never modifies the run: ``--search-sigmas`` picks the 2…K-step taus by FID (CM's greedy search) on noise
+disjoint from the evaluation's and uses them for this report; only ``--store`` writes them into ``<run>/student``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -22,12 +26,28 @@ from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
 from ..core.tensors import image_shape
-from ..images import make_grid
-from .features import FIDMeter, find_digits_classifier, load_classifier, real_vs_real_fid
+from .baselines import make_baselines
+from .features import FIDMeter, find_digits_classifier, load_classifier, real_vs_real
 from .generate import initial_noise, load_student, run_batches, student_fn, teacher_fn
+from .report import headline, headline_table, report_table, side_by_side, write_report
 
 FLOOR_MAX_IMAGES = 20_000   # real-vs-real FID floor only for small data sets (digits: 1797)
 REAL_MAX_IMAGES = 50_000    # FID reference statistics: the first 50k training images (CIFAR-10: all)
+SEARCH_SEED_OFFSET = 1000   # the sigma search draws its noise from seed + 1000: disjoint from evaluation_seeds
+MAX_SEEDS = 100
+
+
+def evaluation_seeds(seed: int, n: int) -> list[int]:
+    """The noise seeds of ``--seeds n``: seed ``s`` draws the initial noise, ``s + 1`` the student's extra multistep
+    noise, so consecutive evaluations use ``seed, seed + 2, ...``; all below ``seed + SEARCH_SEED_OFFSET``."""
+    if not 1 <= n <= MAX_SEEDS:
+        raise EvalError(f"--seeds must be between 1 and {MAX_SEEDS}, got {n}")
+    return [seed + 2 * i for i in range(n)]
+
+
+def search_seeds(seed: int) -> list[int]:
+    """The seeds the sigma search draws from (initial and multistep noise), disjoint from every evaluation seed."""
+    return [seed + SEARCH_SEED_OFFSET, seed + SEARCH_SEED_OFFSET + 1]
 
 
 class EvalError(RuntimeError):
@@ -107,68 +127,6 @@ def store_multistep_sigmas(pipe, table: dict, student_dir: Path) -> None:
         os.replace(Path(tmp) / "model_index.json", student_dir / "model_index.json")
 
 
-# --------------------------------------------------------------------------- pictures and tables
-
-
-def side_by_side(rows: dict[str, torch.Tensor], path: Path, ncol: int = 8) -> None:
-    """One row per sampler (same noise in each column), a label on the left."""
-    from PIL import Image, ImageDraw
-
-    up = max(1, 64 // next(iter(rows.values())).shape[-1])
-    strips = [make_grid(x[:ncol], nrow=ncol, upscale=up) for x in rows.values()]
-    label_w, h = 110, strips[0].shape[0]
-    canvas = Image.new("RGB", (label_w + strips[0].shape[1], h * len(strips)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, strip) in enumerate(zip(rows, strips)):
-        img = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).convert("RGB")
-        canvas.paste(img, (label_w, r * h))
-        draw.text((4, r * h + h // 2 - 6), name, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
-def _fmt(v, spec=".3f") -> str:
-    return "–" if v is None else ("∞" if isinstance(v, float) and math.isinf(v) else format(v, spec))
-
-
-def report_table(report: dict) -> str:
-    """Markdown table: one row per sampler."""
-    lines = ["| sampler | NFE | FID | MSE vs ref | PSNR vs ref | LPIPS vs ref | img/s |",
-             "|---|---|---|---|---|---|---|"]
-    for name, s in report["samplers"].items():
-        d = s["vs_teacher_ref"]
-        lines.append(f"| {name} | {s['nfe']} | {_fmt(s['fid'])} | {_fmt(d['mse'], '.5f')} | "
-                     f"{_fmt(d['psnr'] if d['psnr'] is not None else math.inf, '.2f')} | {_fmt(d['lpips'], '.4f')} | "
-                     f"{_fmt(s['images_per_s'], '.1f')} |")
-    return "\n".join(lines)
-
-
-def _finite(obj):
-    """JSON-safe copy: non-finite floats become ``None``."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
-
-def write_report(report: dict, run_dir: Path) -> None:
-    (run_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
-    floor = report.get("fid_floor_real_vs_real")
-    md = [f"# Evaluation of {run_dir.name}", "",
-          f"Teacher `{report['teacher']}`; {report['num_samples']} samples per sampler (seed {report['seed']}); "
-          f"FID with `{report['feature_net']}` features against {report['num_real']} real images"
-          + (f"; real-vs-real floor {floor:.3f}." if floor is not None else "."),
-          f"Paired distances (\"vs ref\") are to the `{report['reference']}` samples from the same initial noise "
-          f"(LPIPS: {report['lpips']}).", "", report_table(report), "",
-          "![teacher vs student, same noise](side_by_side.png)", ""]
-    if report.get("sigma_search"):
-        md += ["Multistep sigmas chosen by FID search: "
-               + "; ".join(f"{k}: {[round(s, 4) for s in v]}" for k, v in report["sigma_search"]["sigmas"].items()),
-               ""]
-    (run_dir / "report.md").write_text("\n".join(md))
-
-
 # --------------------------------------------------------------------------- the evaluation
 
 
@@ -189,15 +147,16 @@ class EvalRun:
 @dataclass
 class Sampler:
     name: str
-    kind: str            # student | teacher
+    kind: str            # student | teacher | baseline (teacher and baseline are training-free)
     steps: int
     nfe: int
     fn: Callable         # (z, generator) -> x
     sigmas: list | None = None
 
 
-def load_run(run_dir: Path, teacher_path: str | None, device) -> EvalRun:
-    """Recipe, student pipeline, teacher and real images of a run (one-line errors for anything missing)."""
+def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool = True) -> EvalRun:
+    """Recipe, student pipeline, teacher and real images of a run (one-line errors for anything missing). Without
+    ``need_student`` a run whose student is not exported yet loads with ``pipe = None``."""
     from ..config import load_recipe
     from ..data import make_dataset
     from ..teachers import load_teacher
@@ -206,51 +165,63 @@ def load_run(run_dir: Path, teacher_path: str | None, device) -> EvalRun:
         raise EvalError(f"{run_dir} is not a cmdistill run folder (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     teacher_path = teacher_path or recipe.teacher.path
-    pipe = load_student(run_dir, device)  # the run's student/, or one line saying the run has none
+    has_student = (run_dir / "student" / "model_index.json").is_file()
+    # the run's student/, or one line saying the run has none
+    pipe = load_student(run_dir, device) if need_student or has_student else None
     teacher = load_teacher(teacher_path, recipe.teacher.kind).to(device)
-    shape = image_shape(pipe.unet)
-    if shape != image_shape(teacher.net):
-        raise EvalError(f"student images {shape} do not match the teacher's {image_shape(teacher.net)}")
+    shape = image_shape(teacher.net)
+    if pipe is not None and image_shape(pipe.unet) != shape:
+        raise EvalError(f"student images {image_shape(pipe.unet)} do not match the teacher's {shape}")
     ds = make_dataset(recipe.data.name, recipe.data.root, recipe.data.resolution or shape[1], shape[0])
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
     return EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device)
 
 
+def load_run_without_student(run_dir: Path, device) -> EvalRun:
+    """:func:`load_run` for scoring checkpoints: the run's teacher and data; its student when exported."""
+    return load_run(run_dir, None, device, need_student=False)
+
+
 def feature_facts(feature_net, run: EvalRun, seed: int, search: list) -> dict:
-    """Name of the feature network, the digits classifier's test accuracy, the real-vs-real FID floor."""
+    """Name of the feature network, the digits classifier's test accuracy, the real-vs-real floor of every metric."""
     facts = {"feature_net": feature_net if isinstance(feature_net, str) else type(feature_net).__name__}
     if feature_net == "digits":
         folder = find_digits_classifier(search)
         facts["feature_net_test_accuracy"] = load_classifier(folder)[1].get("test_accuracy") if folder else None
-    if len(run.real) <= FLOOR_MAX_IMAGES:
-        facts["fid_floor_real_vs_real"] = real_vs_real_fid(feature_net, run.real, seed, run.device, search)
-    else:
-        facts["fid_floor_real_vs_real"] = None
+    rr = real_vs_real(feature_net, run.real, seed, run.device, search) if len(run.real) <= FLOOR_MAX_IMAGES else None
+    facts["real_vs_real"] = rr
+    facts["fid_floor_real_vs_real"] = rr["fid"] if rr else None
     return facts
 
 
 def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidates: int, seed: int,
-                 batch_size: int, echo) -> dict:
-    """:func:`search_multistep_sigmas` with student FID as the score (its own noise, ``seed + 1000``), stored in
-    ``<run>/student``; returns the report entry."""
+                 batch_size: int, store: bool, echo) -> dict:
+    """:func:`search_multistep_sigmas` with student FID as the score, on its own noise (:func:`search_seeds`).
+    The taus found are used for this evaluation; with ``store`` they are also written into ``<run>/student``."""
     fn = run.pipe.consistency_function
     echo(f"searching 2…{max_steps}-step sigmas by FID on {num} samples")
+    z_seed, _ = search_seeds(seed)
 
     def score(sig):
-        z, g = initial_noise(num, run.shape, seed + 1000)
+        z, g = initial_noise(num, run.shape, z_seed)
         return fid(run_batches(student_fn(run.pipe, sig), z, g, batch_size, run.device, "search", False)[0])
 
     res = search_multistep_sigmas(score, fn.sigma_max, candidate_taus(fn.sigma_min, fn.sigma_max, candidates),
                                   max_steps, echo)
-    store_multistep_sigmas(run.pipe, res["sigmas"], run.run_dir / "student")
-    echo(f"stored in {run.run_dir / 'student' / 'model_index.json'}")
+    if store:
+        store_multistep_sigmas(run.pipe, res["sigmas"], run.run_dir / "student")
+        echo(f"stored the searched sigmas in {run.run_dir / 'student' / 'model_index.json'}")
+    else:
+        run.pipe.set_multistep_sigmas(res["sigmas"])  # in memory only: this report uses them
+        echo("using the searched sigmas for this report only (add --store to write them into the student)")
     return {"num_samples": num, "sigmas": {str(k): v for k, v in res["sigmas"].items()},
-            "fid": {str(k): v for k, v in res["fid"].items()}, "trace": res["trace"]}
+            "fid": {str(k): v for k, v in res["fid"].items()}, "trace": res["trace"], "stored": store}
 
 
-def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_steps: int,
-                  spacing: str) -> list[Sampler]:
-    """The reference teacher sampler first, then the student and the teacher's DDIM at 1…max_steps."""
+def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_steps: int, spacing: str,
+                  baseline_nfe: list[int], baselines: list[str]) -> list[Sampler]:
+    """The reference teacher sampler first, then the student and the teacher's DDIM at 1…max_steps, then the
+    training-free baselines at each NFE budget."""
     from ..core.solvers import SOLVER_NFE
 
     nfe = teacher_steps * SOLVER_NFE[teacher_sampler] - (teacher_sampler == "heun")  # last Heun step: Euler
@@ -261,64 +232,100 @@ def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_st
         out.append(Sampler(f"student-{k}", "student", k, k, student_fn(run.pipe, sig), sig))
     out += [Sampler(f"teacher-ddim-{k}", "teacher", k, k, teacher_fn(run.teacher, "ddim", k, spacing))
             for k in range(1, max_steps + 1) if f"teacher-ddim-{k}" != out[0].name]
+    seen = {s.name for s in out}
+    for name, n, fn in make_baselines(run.teacher, baseline_nfe, baselines, spacing):
+        if name not in seen:
+            seen.add(name)
+            out.append(Sampler(name, "baseline", n, n, fn))
     return out
 
 
-def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: int, seed: int, batch_size: int,
-            echo, progress: bool) -> tuple[dict, dict]:
-    """Every sampler from the same initial noise (student multistep noise: one stream, ``seed + 1``): FID, paired
-    distances to the first (reference) sampler, images per second. Returns ``(entries, images)``."""
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), (float(t.std()) if len(values) > 1 else None)
+
+
+def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: int, seeds: list[int],
+            batch_size: int, echo, progress: bool) -> tuple[dict, dict]:
+    """Every sampler from the same initial noise, for each noise seed ``s`` (initial noise from ``s``, the student's
+    multistep noise from ``s + 1``): FID, precision and recall (mean and std over seeds), paired distances to the
+    first (reference) sampler and images per second (first seed). Returns ``(entries, images of the first seed)``."""
     entries, images = {}, {}
     ref = samplers[0].name
     for s in samplers:
-        z, _ = initial_noise(num, run.shape, seed)
-        x, ips = run_batches(s.fn, z, torch.Generator().manual_seed(seed + 1), batch_size, run.device, s.name,
-                             progress)
-        images[s.name] = x
-        entries[s.name] = {"kind": s.kind, "steps": s.steps, "nfe": s.nfe, "sigmas": s.sigmas, "fid": fid(x),
-                           "images_per_s": ips, "vs_teacher_ref": paired_distances(x, images[ref], lpips)}
-        echo(f"{s.name:>18}: FID {entries[s.name]['fid']:.3f}, {ips:.1f} img/s")
+        scores, speeds = [], []
+        for i, seed in enumerate(seeds):
+            z, _ = initial_noise(num, run.shape, seed)
+            x, ips = run_batches(s.fn, z, torch.Generator().manual_seed(seed + 1), batch_size, run.device,
+                                 s.name, progress)
+            scores.append(fid.score(x))
+            speeds.append(ips)
+            if i == 0:
+                images[s.name] = x
+        e = {"kind": s.kind, "steps": s.steps, "nfe": s.nfe, "sigmas": s.sigmas, "images_per_s": speeds[0],
+             "vs_teacher_ref": paired_distances(images[s.name], images[ref], lpips)}
+        for key in ("fid", "precision", "recall"):
+            e[key], std = _mean_std([sc[key] for sc in scores])
+            if std is not None:
+                e[f"{key}_std"] = std
+        entries[s.name] = e
+        echo(f"{s.name:>18}: FID {e['fid']:.3f}, precision {e['precision']:.3f}, recall {e['recall']:.3f}, "
+             f"{speeds[0]:.1f} img/s")
     return entries, images
 
 
 def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: int | None = None,
              max_steps: int = 4, teacher_steps: int = 50, teacher_sampler: str = "ddim",
              teacher_spacing: str = DEFAULT_TEACHER_SPACING, feature_net: str | nn.Module | None = None,
-             teacher_path: str | None = None, search_sigmas: bool | None = None, search_num: int | None = None,
+             teacher_path: str | None = None, search_sigmas: bool = False, search_num: int | None = None,
              search_candidates: int = 12, seed: int = 0, device=None, use_lpips: bool = True,
-             echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+             echo: Callable[[str], None] = print, progress: bool = True, store_sigmas: bool = False,
+             seeds: int | None = None, baseline_nfe: list[int] | None = None,
+             baselines: list[str] | None = None) -> dict:
     """Evaluate the run in ``run_dir`` (its ``recipe.yaml`` names the teacher, data and eval settings; arguments
     left ``None`` come from there). Writes ``report.json``, ``report.md`` and ``side_by_side.png``; returns the
-    report. ``feature_net``: ``inception``, ``digits`` or an ``nn.Module`` (images in [0, 1] -> features)."""
+    report. Nothing else in the run changes, unless ``search_sigmas`` and ``store_sigmas`` are both set.
+    ``feature_net``: ``inception``, ``digits`` or an ``nn.Module`` (images in [0, 1] -> features)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # 1. the run, its eval settings, the FID reference statistics
+    # 1. the run, its eval settings, the real features
     run = load_run(Path(run_dir), teacher_path, device)
     ec = run.recipe.eval
     num, batch_size = num_samples or ec.num_samples, batch_size or ec.batch_size
     feature_net = ec.feature_net if feature_net is None else feature_net
-    search_sigmas = ec.search_sigmas if search_sigmas is None else search_sigmas
+    seed_list = evaluation_seeds(seed, seeds or ec.seeds)
+    baseline_nfe = list(ec.baseline_nfe if baseline_nfe is None else baseline_nfe)
+    baselines = list(ec.baselines if baselines is None else baselines)
     search = [Path(run.teacher_path) / "classifier"]
     fid = FIDMeter(feature_net, device, batch_size, search).add_real(run.real)
     report: dict = {"run_dir": str(run.run_dir), "teacher": run.teacher_path, "device": str(device),
-                    "num_samples": num, "num_real": len(run.real), "seed": seed, "teacher_spacing": teacher_spacing,
+                    "num_samples": num, "num_real": len(run.real), "seed": seed, "seeds": len(seed_list),
+                    "teacher_spacing": teacher_spacing, "baselines": baselines, "baseline_nfe": baseline_nfe,
                     **feature_facts(feature_net, run, seed, search)}
-    # 2. optional multistep-sigma search, stored in the student before it is measured
+    # 2. optional multistep-sigma search (stored only when asked)
     if search_sigmas:
         report["sigma_search"] = sigma_search(run, fid, max_steps, search_num or min(num, 500), search_candidates,
-                                              seed, batch_size, echo)
+                                              seed, batch_size, store_sigmas, echo)
     # 3. every sampler from the same noise
-    samplers = make_samplers(run, max_steps, teacher_sampler, teacher_steps, teacher_spacing)
+    samplers = make_samplers(run, max_steps, teacher_sampler, teacher_steps, teacher_spacing, baseline_nfe,
+                             baselines)
     lpips, report["lpips"] = load_lpips(run.recipe.loss.lpips_net, device) if use_lpips else (None, "disabled")
     report["reference"] = samplers[0].name
-    report["samplers"], images = measure(samplers, run, fid, lpips, num, seed, batch_size, echo, progress)
+    report["samplers"], images = measure(samplers, run, fid, lpips, num, seed_list, batch_size, echo, progress)
+    report["headline"] = headline(report["samplers"], [k for k in (1, 2, 4) if k <= max_steps])
     # 4. pictures and report
-    rows = [samplers[0].name] + [f"student-{k}" for k in (1, 2, 4) if k <= max_steps]
-    side_by_side({n: images[n] for n in rows}, run.run_dir / "side_by_side.png")
+    sd = report["samplers"]
+    at4 = [n for n, e in sd.items() if e["kind"] == "baseline" and e["nfe"] <= 4]
+    best4 = [min(at4, key=lambda n: sd[n]["fid"])] if at4 else []
+    rows = [samplers[0].name] + [f"student-{k}" for k in (1, 2, 4) if k <= max_steps] + best4
+    side_by_side({f"{n} | NFE {sd[n]['nfe']} | FID {sd[n]['fid']:.2f}": images[n] for n in rows},
+                 run.run_dir / "side_by_side.png")
     report["side_by_side"] = "side_by_side.png"
     write_report(report, run.run_dir)
+    echo(headline_table(report))
     echo(report_table(report))
     echo(f"report written to {run.run_dir / 'report.json'} and {run.run_dir / 'report.md'}")
     return report
 
 
-__all__ = ["evaluate", "EvalError", "paired_distances", "search_multistep_sigmas", "candidate_taus"]
+__all__ = ["evaluate", "EvalError", "paired_distances", "search_multistep_sigmas", "candidate_taus",
+           "evaluation_seeds", "search_seeds"]

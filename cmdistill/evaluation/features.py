@@ -215,36 +215,67 @@ def make_fid(feature_net: str | nn.Module, search: Iterable[str | Path] = ()):
 
 
 class FIDMeter:
-    """Real statistics computed once, then the FID of any number of sample sets (images in [-1, 1])."""
+    """Features of the real images computed once, then FID, precision and recall (:mod:`.metrics`) of any number of
+    sample sets (images in [-1, 1]) in the same feature space. The feature network is the one torchmetrics'
+    ``FrechetInceptionDistance`` builds (Inception, or a custom module), fed as torchmetrics feeds it, and FID uses
+    its formula on the same per-batch float64 sums: the numbers are torchmetrics' numbers."""
 
     def __init__(self, feature_net: str | nn.Module, device="cpu", batch_size: int = 250,
                  search: Iterable[str | Path] = ()):
-        self.metric = make_fid(feature_net, search).to(device)
-        self.rgb = not self.metric.used_custom_model  # Inception wants 3 channels
+        metric = make_fid(feature_net, search).to(device)
+        self.net, self.custom = metric.inception, metric.used_custom_model
         self.device, self.batch_size = device, batch_size
+        self.real: torch.Tensor | None = None
 
-    def _update(self, images: torch.Tensor, real: bool) -> None:
+    @torch.no_grad()
+    def feature_batches(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Float64 features, one tensor per batch of ``batch_size`` images."""
+        out = []
         for i in range(0, len(images), self.batch_size):
             x = ((images[i:i + self.batch_size].float() + 1) / 2).clamp(0, 1).to(self.device)
-            if self.rgb and x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            self.metric.update(x, real=real)
+            if not self.custom:  # Inception: 3 channels, uint8 as torchmetrics' normalize=True gives it
+                x = (x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x)
+                x = (x * 255).byte()
+            f = self.net(x)
+            out.append((f.unsqueeze(0) if f.dim() == 1 else f).double().cpu())
+        return out
 
     def add_real(self, images: torch.Tensor) -> "FIDMeter":
-        self._update(images, real=True)
+        from .metrics import GaussianStats, knn_radii
+
+        batches = self.feature_batches(images)
+        self.real_stats = GaussianStats.of_batches(batches)
+        self.real = torch.cat(batches)
+        self.real_radii = knn_radii(self.real)
         return self
+
+    def score(self, images: torch.Tensor) -> dict:
+        """``{"fid", "precision", "recall"}`` of ``images`` against the real images."""
+        from .metrics import GaussianStats, frechet_distance, precision_recall
+
+        batches = self.feature_batches(images)
+        precision, recall = precision_recall(self.real, torch.cat(batches), real_radii=self.real_radii)
+        return {"fid": frechet_distance(self.real_stats, GaussianStats.of_batches(batches)),
+                "precision": precision, "recall": recall}
 
     def __call__(self, images: torch.Tensor) -> float:
         """FID of ``images`` against the real statistics."""
-        self.metric.reset()  # keeps the real statistics
-        self._update(images, real=False)
-        return float(self.metric.compute())
+        from .metrics import GaussianStats, frechet_distance
+
+        return frechet_distance(self.real_stats, GaussianStats.of_batches(self.feature_batches(images)))
+
+
+def real_vs_real(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",
+                 search: Iterable[str | Path] = ()) -> dict:
+    """The floor of every metric: FID, precision and recall between two disjoint random halves of the real data
+    (same feature network)."""
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    half = len(images) // 2
+    meter = FIDMeter(feature_net, device, search=search).add_real(images[perm[:half]])
+    return meter.score(images[perm[half:2 * half]])
 
 
 def real_vs_real_fid(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",
                      search: Iterable[str | Path] = ()) -> float:
     """The FID floor: FID between two disjoint random halves of the real data (same feature network)."""
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    half = len(images) // 2
-    meter = FIDMeter(feature_net, device, search=search).add_real(images[perm[:half]])
-    return meter(images[perm[half:2 * half]])
+    return real_vs_real(feature_net, images, seed, device, search)["fid"]

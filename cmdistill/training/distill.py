@@ -22,13 +22,13 @@ from ..core.consistency import make_student, make_target, update_target
 from ..core.losses import get_weighting, make_distance
 from ..core.sampling import sample_consistency
 from ..core.schedules import PairSchedule
-from ..core.tensors import DTYPES, image_shape
-from ..data import DataError, StepBatchSampler, check_fits, make_dataset, prior_mean
+from ..core.tensors import DTYPES, image_shape, to_device
+from ..data import DataError, check_fits, make_dataset, prior_mean, random_hflip, step_loader
 from ..images import save_grid
 from ..teachers import load_teacher
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
-from .speed import configure_networks, to_device
+from .speed import configure_networks
 
 
 def build_models(recipe: Recipe, device):
@@ -114,25 +114,15 @@ class Distillation:
 
     def start(self, step: int) -> None:
         """The data stream from optimiser step ``step`` on: batch positions are a pure function of the step."""
-        tc, dc, acc = self.recipe.train, self.recipe.data, self.acc
-        sampler = StepBatchSampler(len(self.dataset), tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
-                                   acc.process_index, acc.num_processes)
-        # its own generator: creating the iterator must not draw from the global RNG (worker seeds only)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=dc.num_workers,
-                                             pin_memory=acc.device.type == "cuda",
-                                             persistent_workers=dc.num_workers > 0,
-                                             generator=torch.Generator().manual_seed(tc.seed))
-        self.batches = iter(loader)
+        tc, acc = self.recipe.train, self.acc
+        self.batches = step_loader(self.dataset, tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
+                                   acc.process_index, acc.num_processes, self.recipe.data.num_workers,
+                                   pin_memory=acc.device.type == "cuda")
 
     def next_batch(self) -> torch.Tensor:
         """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``."""
-        (x0,) = next(self.batches)[:1]
-        device = self.acc.device
-        x0 = x0.to(device, non_blocking=True)
-        if self.recipe.data.hflip:
-            flip = torch.rand(x0.shape[0], generator=self.flip_gen) < 0.5
-            x0 = torch.where(to_device(flip, device)[:, None, None, None], x0.flip(-1), x0)
-        return x0
+        x0 = next(self.batches)[0].to(self.acc.device, non_blocking=True)
+        return random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
 
     def loss(self, step: int) -> torch.Tensor:
         """CM Algorithm 2, lines 3-7 on the next micro-batch: pair ``(sigma_hi, sigma_lo)``, teacher ODE step, student

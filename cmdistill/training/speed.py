@@ -1,5 +1,6 @@
 """Speed options of the training step (docs/benchmarks.md, "Speed"): recipe keys ``train.channels_last``,
-``train.compile`` and ``train.gradient_checkpointing``, and host-to-device copies that do not sync.
+``train.compile`` and ``train.gradient_checkpointing`` (host-to-device copies that do not sync are
+:func:`cmdistill.core.tensors.to_device`).
 
 None of them changes the math: preconditioning and solver arithmetic stay in fp32 (Karras et al. 2022 run
 the preconditioning in fp32 too), the options only
@@ -51,11 +52,3 @@ def configure_networks(teacher, student, target, *, channels_last: bool = False,
             use_channels_last(net)
         if compile:
             net.compile()
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU tensor (sigmas, flip masks) to ``device`` without a host sync: a pageable copy to a GPU
-    waits for the stream, a pinned one with ``non_blocking=True`` does not."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, NoiseConfig, TeacherRecipe, UNetConfig
-from ..data import StepBatchSampler, check_fits, make_dataset
+from ..data import check_fits, make_dataset, random_hflip, step_loader
 from ..images import save_grid
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
@@ -108,18 +108,13 @@ class TeacherTraining:
     def start(self, step: int) -> None:
         """The data stream from optimiser step ``step`` on (batch positions are a pure function of the step)."""
         tc, acc = self.recipe.train, self.acc
-        sampler = StepBatchSampler(len(self.dataset), tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
-                                   acc.process_index, acc.num_processes)
-        self.batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler,
-                                                        num_workers=self.recipe.data.num_workers,
-                                                        generator=torch.Generator().manual_seed(tc.seed)))
+        self.batches = step_loader(self.dataset, tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
+                                   acc.process_index, acc.num_processes, self.recipe.data.num_workers,
+                                   pin_memory=acc.device.type == "cuda")
 
     def loss(self, step: int) -> torch.Tensor:
-        (x0,) = next(self.batches)[:1]
-        x0 = x0.to(self.acc.device)
-        if self.recipe.data.hflip:
-            flip = torch.rand(x0.shape[0], generator=self.flip_gen) < 0.5
-            x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        x0 = next(self.batches)[0].to(self.acc.device)
+        x0 = random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
         return ddpm_loss(self.model, self.scheduler, x0)
 
     def after_update(self) -> None:

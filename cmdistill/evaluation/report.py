@@ -1,0 +1,125 @@
+"""The evaluation report: the per-sampler table, the headline rows (student against the best training-free sampler
+at equal and at twice the network evaluations, and the wall-clock speed-up at equal quality), ``report.json``,
+``report.md`` and the labelled ``side_by_side.png``."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..images import make_grid
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "–" if v is None else ("∞" if isinstance(v, float) and math.isinf(v) else format(v, spec))
+
+
+def _pm(s: dict, key: str, spec: str) -> str:
+    """``value`` or ``mean ± std`` over noise seeds."""
+    std = s.get(f"{key}_std")
+    return _fmt(s[key], spec) + (f" ± {_fmt(std, spec)}" if std is not None else "")
+
+
+def report_table(report: dict) -> str:
+    """Markdown table: one row per sampler, then the real-vs-real floor."""
+    lines = ["| sampler | NFE | FID | precision | recall | MSE vs ref | PSNR vs ref | LPIPS vs ref | img/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in report["samplers"].items():
+        d = s["vs_teacher_ref"]
+        lines.append(f"| {name} | {s['nfe']} | {_pm(s, 'fid', '.3f')} | {_pm(s, 'precision', '.3f')} | "
+                     f"{_pm(s, 'recall', '.3f')} | {_fmt(d['mse'], '.5f')} | "
+                     f"{_fmt(d['psnr'] if d['psnr'] is not None else math.inf, '.2f')} | {_fmt(d['lpips'], '.4f')} | "
+                     f"{_fmt(s['images_per_s'], '.1f')} |")
+    rr = report.get("real_vs_real")
+    if rr:
+        lines.append(f"| real vs real (two halves) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
+                     f"{_fmt(rr['recall'])} | – | – | – | – |")
+    return "\n".join(lines)
+
+
+def headline(samplers: dict, ks=(1, 2, 4)) -> list[dict]:
+    """For each student step count k: the best (lowest-FID) training-free sampler using at most k and at most 2k
+    network evaluations, and the speed-up at equal quality: the student's images/s over those of the fastest
+    training-free sampler whose FID is at most the student's (``None`` when none of them reaches it)."""
+    free = {n: s for n, s in samplers.items() if s["kind"] != "student"}
+    rows = []
+    for k in ks:
+        st = samplers.get(f"student-{k}")
+        if st is None:
+            continue
+
+        def best(limit):
+            cands = [(s["fid"], n) for n, s in free.items() if s["nfe"] <= limit]
+            return min(cands)[1] if cands else None
+
+        match = [n for n, s in free.items() if s["fid"] <= st["fid"]]
+        fastest = max(match, key=lambda n: free[n]["images_per_s"]) if match else None
+        rows.append({"student": f"student-{k}", "fid": st["fid"], "precision": st["precision"],
+                     "best_at_k": best(k), "best_at_2k": best(2 * k), "equal_quality": fastest,
+                     "speedup": st["images_per_s"] / free[fastest]["images_per_s"] if fastest else None})
+    return rows
+
+
+def headline_table(report: dict) -> str:
+    s = report["samplers"]
+
+    def cell(name):
+        return "–" if name is None else f"{name} ({_fmt(s[name]['fid'])})"
+
+    lines = ["| student | FID | precision | best training-free at ≤ k NFE (FID) | at ≤ 2k NFE (FID) | "
+             "fastest training-free sampler as good | wall-clock speed-up |", "|---|---|---|---|---|---|---|"]
+    for r in report["headline"]:
+        speed = f"{r['speedup']:.1f}x" if r["speedup"] is not None else "no training-free sampler measured is as good"
+        lines.append(f"| {r['student']} | {_fmt(r['fid'])} | {_fmt(r['precision'])} | {cell(r['best_at_k'])} | "
+                     f"{cell(r['best_at_2k'])} | {cell(r['equal_quality'])} | {speed} |")
+    return "\n".join(lines)
+
+
+def side_by_side(rows: dict[str, torch.Tensor], path: Path, ncol: int = 8) -> None:
+    """One row per sampler (same noise in each column), its label (sampler, NFE, FID) on the left."""
+    from PIL import Image, ImageDraw
+
+    up = max(1, 64 // next(iter(rows.values())).shape[-1])
+    strips = [make_grid(x[:ncol], nrow=ncol, upscale=up) for x in rows.values()]
+    label_w, h = 8 + 6 * max(len(n) for n in rows), strips[0].shape[0]
+    canvas = Image.new("RGB", (label_w + strips[0].shape[1], h * len(strips)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, strip) in enumerate(zip(rows, strips)):
+        img = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).convert("RGB")
+        canvas.paste(img, (label_w, r * h))
+        draw.text((4, r * h + h // 2 - 6), name, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def finite(obj):
+    """JSON-safe copy: non-finite floats become ``None``."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    (run_dir / "report.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+    seeds = report.get("seeds", 1)
+    md = [f"# Evaluation of {run_dir.name}", "",
+          f"Teacher `{report['teacher']}`; {report['num_samples']} samples per sampler and noise seed "
+          f"({seeds} seed{'s' if seeds > 1 else ''} from {report['seed']}"
+          + ("; mean ± standard deviation over seeds" if seeds > 1 else "") + "). "
+          f"FID, precision and recall (k-NN manifolds, k = 3) in `{report['feature_net']}` features against "
+          f"{report['num_real']} real images; the last row is the floor, two random halves of the real images.",
+          f"Paired distances (\"vs ref\") are to the `{report['reference']}` samples from the same initial noise "
+          f"(LPIPS: {report['lpips']}). Training-free baselines: teacher DDIM, "
+          + ", ".join(report.get("baselines", [])) + f" (timestep spacing `{report['teacher_spacing']}`).", "",
+          "## Headline", "", headline_table(report), "", "## All samplers", "", report_table(report), "",
+          "![samplers, same noise in each column](side_by_side.png)", ""]
+    if report.get("sigma_search"):
+        ss = report["sigma_search"]
+        where = "stored in the student" if ss.get("stored") else "this report only, not stored"
+        md += [f"Multistep sigmas chosen by FID search ({where}): "
+               + "; ".join(f"{k}: {[round(s, 4) for s in v]}" for k, v in ss["sigmas"].items()), ""]
+    (run_dir / "report.md").write_text("\n".join(md))
