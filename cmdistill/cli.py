@@ -8,28 +8,39 @@ by a non-finite loss (``train.on_nonfinite: stop``) exits with status 1. See doc
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
 
 from .config import ConfigError, dump_recipe, load_recipe, load_teacher_recipe
-from .core.schedules import DEFAULT_TEACHER_SPACING, TIMESTEP_SPACINGS
-from .core.solvers import SOLVERS
-from .data import DataError
-from .teachers import TeacherLoadError
+
+# Choices shown by --help, written here so that --help imports neither torch nor diffusers (it answers in a fraction
+# of a second); tests/test_cli_help.py checks that they equal the registries they stand for.
+SOLVER_CHOICES = ("heun", "euler", "ddim")            # cmdistill.core.solvers.SOLVERS
+SPACING_CHOICES = ("trailing", "leading", "linspace")  # cmdistill.core.schedules.TIMESTEP_SPACINGS
+DEFAULT_TEACHER_SPACING = "trailing"                   # cmdistill.core.schedules.DEFAULT_TEACHER_SPACING
+FEATURE_NET_CHOICES = ("inception", "digits")          # cmdistill.evaluation.features.feature_net_names()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Every exception type that means "bad input", printed as one line (imported here, not at start-up)."""
+    from .data import DataError
     from .evaluation.evaluate import EvalError
     from .evaluation.features import FeatureNetError
     from .evaluation.generate import SampleError
     from .export.pipeline import StudentLoadError
+    from .teachers import TeacherLoadError
     from .training.checkpoint import CheckpointError
     from .training.loop import RunError
 
     return (ConfigError, TeacherLoadError, DataError, CheckpointError, SampleError, EvalError, FeatureNetError,
             StudentLoadError, RunError)
+
+
+def _is_main_process() -> bool:
+    """Under ``accelerate launch`` / ``torchrun`` only rank 0 prints an error; the others exit quietly."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def friendly_errors(fn):
@@ -43,8 +54,9 @@ def friendly_errors(fn):
         except _user_errors() as e:
             if debug:
                 raise
-            msg = " ".join(str(e).split())  # always one line
-            click.echo(f"cmdistill: error: {msg}", err=True)
+            if _is_main_process():
+                msg = " ".join(str(e).split())  # always one line
+                click.echo(f"cmdistill: error: {msg}", err=True)
             sys.exit(getattr(e, "exit_code", 2))
 
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(wrapper)
@@ -66,7 +78,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             cmd = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None and e.ctx.parent else ""
             hint = f" (see cmdistill{cmd} --help)" if isinstance(e, click.UsageError) else ""
-            click.echo(f"cmdistill: error: {' '.join(e.format_message().split())}{hint}", err=True)
+            if _is_main_process():
+                click.echo(f"cmdistill: error: {' '.join(e.format_message().split())}{hint}", err=True)
             sys.exit(e.exit_code)
 
 
@@ -171,9 +184,9 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
               help="Saved ConsistencyPipeline folder or run folder (default: the newest */student under ./runs).")
 @click.option("--teacher", default=None, metavar="DIR_OR_ID", show_default=True,
               help="Sample this diffusers teacher instead of a student.")
-@click.option("--sampler", type=click.Choice(sorted(SOLVERS)), default="ddim", show_default=True,
+@click.option("--sampler", type=click.Choice(SOLVER_CHOICES), default="ddim", show_default=True,
               help="Teacher ODE sampler (with --teacher).")
-@click.option("--spacing", type=click.Choice(TIMESTEP_SPACINGS), default=DEFAULT_TEACHER_SPACING, show_default=True,
+@click.option("--spacing", type=click.Choice(SPACING_CHOICES), default=DEFAULT_TEACHER_SPACING, show_default=True,
               help=SPACING_HELP + " With --teacher.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, show_default=True,
               help="Network evaluations / steps (default: 1 for the student, 50 for a teacher).")
@@ -182,7 +195,7 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
 @click.option("--num", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, show_default=True,
-              help="Output folder (default: <run>/generated/<tag>, or ./generated/<tag> for a teacher).")
+              help="Output folder (default: <run>/generated/<tag>, or runs/generated/<tag> for a teacher).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per network call.")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
@@ -205,7 +218,7 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
         x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing)
         tag, meta = f"teacher-{sampler}{steps}-seed{seed}", {"teacher": teacher, "sampler": sampler,
                                                               "spacing": spacing}
-        base = Path("generated")
+        base = Path("runs") / "generated"
     else:
         if student is None:
             student = G.find_latest_student()
@@ -232,15 +245,15 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
               help="Samples per sampler (default: eval.num_samples of the run's recipe).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, show_default=True,
               help="Images per network call (default: eval.batch_size).")
-@click.option("--feature-net", type=click.Choice(["inception", "digits"]), default=None, show_default=True,
+@click.option("--feature-net", type=click.Choice(FEATURE_NET_CHOICES), default=None, show_default=True,
               help="FID features (default: eval.feature_net).")
 @click.option("--teacher", default=None, metavar="DIR_OR_ID", show_default=True,
               help="Teacher (default: teacher.path of the run).")
-@click.option("--teacher-sampler", type=click.Choice(sorted(SOLVERS)), default="ddim", show_default=True,
+@click.option("--teacher-sampler", type=click.Choice(SOLVER_CHOICES), default="ddim", show_default=True,
               help="ODE sampler of the reference teacher row.")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps of the reference teacher sampler.")
-@click.option("--teacher-spacing", type=click.Choice(TIMESTEP_SPACINGS), default=DEFAULT_TEACHER_SPACING,
+@click.option("--teacher-spacing", type=click.Choice(SPACING_CHOICES), default=DEFAULT_TEACHER_SPACING,
               show_default=True, help=SPACING_HELP)
 @click.option("--max-steps", type=click.IntRange(1, 8), default=4, show_default=True,
               help="Evaluate the student and the teacher's DDIM at 1…K steps.")

@@ -30,7 +30,10 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
 
     t_start = time.perf_counter()
     recipe = _with_output_dir(recipe, output_dir)
-    student_dir = train(recipe, Distillation, lambda task, out: save_student(task.ema.ema_model, out / "student"),
+    card = {"teacher": recipe.teacher.path, "recipe": str(Path(recipe.train.output_dir) / "recipe.yaml"),
+            "steps": recipe.train.max_steps}
+    student_dir = train(recipe, Distillation,
+                        lambda task, out: save_student(task.ema.ema_model, out / "student", card=card),
                         resume=resume, overwrite=overwrite)
     state = PartialState()
     if not state.is_main_process:
@@ -39,8 +42,16 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     ec = recipe.eval
     if ec.at_end:  # the recipe asks for the sigma search: then it is stored in the student
         from .evaluation.evaluate import evaluate
+        from .evaluation.generate import load_student
+        from .evaluation.report import headline_table, report_table
+        from .export.pipeline import write_model_card
+        from .files import make_readable
 
-        evaluate(out, echo=echo, search_sigmas=ec.search_sigmas, store_sigmas=ec.search_sigmas)
+        report = evaluate(out, echo=echo, search_sigmas=ec.search_sigmas, store_sigmas=ec.search_sigmas)
+        table = (f"{report['num_samples']} samples per sampler, `{report['feature_net']}` features (full report: "
+                 f"`report.md` of the run).\n\n{headline_table(report)}\n\n{report_table(report)}")
+        write_model_card(student_dir, load_student(student_dir), **card, evaluation=table)
+        make_readable(student_dir / "README.md")
     if ec.curve:
         from .evaluation.curve import evaluate_checkpoints
 
@@ -55,8 +66,12 @@ def train_teacher(recipe: TeacherRecipe, output_dir: str | None = None, resume: 
                   overwrite: bool = False) -> Path | None:
     """Train the recipe's DDPM teacher (Ho et al. 2020) and export its EMA as a ``DDPMPipeline`` folder
     (``train.export_dir``, default ``<run>/pipeline``); return that folder (``None`` on other processes)."""
-    from .training.loop import train
+    from .training.loop import RunError, train
     from .training.teacher import TeacherTraining, export_teacher
 
+    export = recipe.train.export_dir
+    if export and (Path(export) / "model_index.json").exists() and not overwrite and resume is None:
+        raise RunError(f"train.export_dir {export} already holds a model; pass --overwrite to replace it or choose "
+                       "another train.export_dir")
     return train(_with_output_dir(recipe, output_dir), TeacherTraining, export_teacher, resume=resume,
                  overwrite=overwrite)

@@ -108,6 +108,7 @@ class LoopConfig:
     num_sample_images: int = 64
     output_dir: str = "runs/cd"
     on_nonfinite: str = "stop"            # non-finite loss/gradient: stop (name the step) | skip the step
+    cpu_threads: Optional[int] = None      # torch threads per process on CPU; null: the cores / local processes
 
 
 @dataclass
@@ -236,7 +237,7 @@ POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip",
             "scheduler.num_train_timesteps", "scheduler.beta_start", "scheduler.beta_end"}
 UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay", "unet.dropout"}
 # > 0 when set (None allowed where the annotation is Optional)
-POSITIVE_OR_NONE = {"data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
+POSITIVE_OR_NONE = {"train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
                     "student.sigma_max"}
 NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
@@ -425,7 +426,31 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = 
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
     data = apply_overrides(data, list(overrides))
-    return validate(_build(cls, data, ""))
+    recipe = _build(cls, data, "")
+    resolve_input_paths(recipe, Path(path).resolve().parent if path is not None else None)
+    return validate(recipe)
+
+
+# keys naming inputs (read, never written); outputs (train.output_dir, train.export_dir) stay relative to the
+# working directory, where the command runs
+INPUT_PATHS = ("teacher.path", "data.root")
+
+
+def resolve_input_paths(recipe, recipe_dir: Path | None) -> None:
+    """Make each relative input path of the recipe absolute: relative to the recipe file's folder when it exists
+    there, else to the working directory when it exists there; left as written otherwise (a hub id such as
+    ``google/ddpm-cifar10-32``, or a download cache still to be created)."""
+    for key in INPUT_PATHS:
+        section, name = key.split(".")
+        if not hasattr(recipe, section) or not hasattr(getattr(recipe, section), name):
+            continue
+        value = getattr(getattr(recipe, section), name)
+        if not value or value.startswith("~") or Path(value).is_absolute():
+            continue
+        for base in ([recipe_dir] if recipe_dir is not None else []) + [Path.cwd()]:
+            if (base / value).exists():
+                setattr(getattr(recipe, section), name, str((base / value).resolve()))
+                break
 
 
 def load_teacher_recipe(path: str | Path | None, overrides: list[str] = ()) -> TeacherRecipe:

@@ -192,9 +192,17 @@ def test_dataset_folder_empty(world, tmp_path):
 # --------------------------------------------------------------------------- the output folder
 
 
-def test_output_folder_holds_a_different_run(world, run_copy, tmp_path):
-    fails(["distill", world["recipe"], "-o", run_copy, "--set", "optim.lr=0.001"], run_copy,
+def test_output_folder_holds_a_run_of_this_recipe(world, run_copy, tmp_path):
+    fails(["distill", world["recipe"], "-o", run_copy], run_copy,
           f"output folder {run_copy} already holds a run; pass --resume latest to continue it or --overwrite")
+
+
+def test_output_folder_holds_a_run_of_another_recipe(world, run_copy, tmp_path):
+    """The hint fits the case: another recipe's run cannot be continued, so the fix is another --output-dir."""
+    line = fails(["distill", world["recipe"], "-o", run_copy, "--set", "optim.lr=0.001"], run_copy,
+                 f"output folder {run_copy} already holds a run of another recipe (optim.lr: 0.0004 -> 0.001); "
+                 "choose another --output-dir")
+    assert "--resume" not in line
 
 
 def test_output_folder_not_empty_and_not_a_run(world, tmp_path):

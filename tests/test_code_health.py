@@ -228,9 +228,13 @@ def test_teacher_spacing_default_is_the_same_everywhere():
 def test_non_editable_install_finds_its_assets_from_any_folder(tmp_path):
     """``pip install .`` (not editable) into a folder, then run from elsewhere: the digits classifier that the
     offline FID needs is found inside the installed package."""
-    target = tmp_path / "site"
+    import shutil
+
+    src, target = tmp_path / "src", tmp_path / "site"  # a copy: building writes build/ and *.egg-info beside it
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache"))
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=300)
+                          "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     code = ("import cmdistill.evaluation.features as F; p = F.find_digits_classifier(); "
             "print(p); assert p is not None and 'site' in str(p), p; F.load_classifier(p)")

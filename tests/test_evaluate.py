@@ -67,7 +67,9 @@ def test_report_is_complete(run_copy):
     assert "| student-1 | 1 |" in md and "side_by_side.png" in md
     assert any("| teacher-ddim-50 | 50 |" in line for line in lines)  # the table went to stdout
     w, h = Image.open(run_copy / "side_by_side.png").size
-    assert h == 5 * (8 * 8 + 2) and w > 8 * 8 * 8  # teacher-50, student 1/2/4, best baseline at <= 4 NFE; 8 columns
+    # a 16-px header of column labels, then rows teacher-50, student 1/2/4, the best baseline at <= 4 NFE: each
+    # 8 x 8 px enlarged to 64, framed (+2) and separated by 6-px gaps; 8 columns
+    assert h == 16 + 5 * (8 * 8 + 2 + 2 * 6) and w > 8 * (8 * 8 + 2 + 6)
 
 
 def test_end_of_distill_report(tiny_run_dir):

@@ -79,9 +79,14 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
 
 def test_second_run_into_the_same_folder_is_refused(tmp_path):
     _train(tmp_path / "run", 1)
+    args = ["train-teacher", RECIPE, "-o", str(tmp_path / "run")]
+    for kv in TINY + ["train.max_steps=1", "train.checkpoint_every=1000"]:
+        args += ["--set", kv]
+    res = CliRunner().invoke(main, args)  # the same recipe: it can be continued
+    assert res.exit_code == 2 and "--resume latest" in res.output
     res = CliRunner().invoke(main, ["train-teacher", RECIPE, "-o", str(tmp_path / "run"),
-                                    "--set", "train.max_steps=1"])
-    assert res.exit_code == 2 and "--resume" in res.output
+                                    "--set", "train.max_steps=1"])  # another recipe: another folder
+    assert res.exit_code == 2 and "--output-dir" in res.output and "--resume" not in res.output
 
 
 @pytest.mark.parametrize("override, fragment", [

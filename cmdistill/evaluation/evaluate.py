@@ -79,7 +79,9 @@ def load_lpips(net: str = "vgg", device="cpu") -> tuple[nn.Module | None, str]:
     weights = {"vgg": tvm.VGG16_Weights.IMAGENET1K_V1, "alex": tvm.AlexNet_Weights.IMAGENET1K_V1}[net]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if not cached.is_file():
-        return None, f"unavailable: {net} backbone weights not in {cached.parent} (download them once)"
+        model = {"vgg": "vgg16", "alex": "alexnet"}[net]
+        return None, (f"unavailable: {net} backbone weights not in {cached.parent}; download them once, with network "
+                      f"access: python -c \"import torchvision; torchvision.models.{model}(weights='IMAGENET1K_V1')\"")
     from ..core.losses import LPIPSDistance
 
     try:

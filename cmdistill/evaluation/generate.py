@@ -48,6 +48,9 @@ def load_student(folder: str | Path, device=None, dtype: torch.dtype | None = No
             and (folder / "student" / "model_index.json").is_file():
         folder = folder / "student"
     check_student_folder(folder)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar inside cmdistill's commands
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     pipe = ConsistencyPipeline.from_pretrained(str(folder), **kw)
     pipe.set_progress_bar_config(disable=True)

@@ -77,19 +77,27 @@ def headline_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def side_by_side(rows: dict[str, torch.Tensor], path: Path, ncol: int = 8) -> None:
-    """One row per sampler (same noise in each column), its label (sampler, NFE, FID) on the left."""
+def side_by_side(rows: dict[str, torch.Tensor], path: Path, ncol: int = 8,
+                 column_label: str = "noise {i}") -> None:
+    """One row per sampler (the same noise in each column), its label (sampler, NFE, FID) on the left and the
+    column labels (which starting noise) on top."""
     from PIL import Image, ImageDraw
 
-    up = max(1, 64 // next(iter(rows.values())).shape[-1])
+    from ..images import GAP, PAGE, upscale_for
+
+    x0 = next(iter(rows.values()))
+    up = upscale_for(x0.shape[-1])
     strips = [make_grid(x[:ncol], nrow=ncol, upscale=up) for x in rows.values()]
-    label_w, h = 8 + 6 * max(len(n) for n in rows), strips[0].shape[0]
-    canvas = Image.new("RGB", (label_w + strips[0].shape[1], h * len(strips)), "white")
+    label_w, head, h = 8 + 6 * max(len(n) for n in rows), 16, strips[0].shape[0]
+    cell = (strips[0].shape[1] - GAP) // ncol
+    canvas = Image.new("RGB", (label_w + strips[0].shape[1], head + h * len(strips)), (PAGE,) * 3)
     draw = ImageDraw.Draw(canvas)
+    for i in range(min(ncol, len(x0))):
+        draw.text((label_w + GAP + i * cell + 2, 3), column_label.format(i=i), fill=(90, 90, 90))
     for r, (name, strip) in enumerate(zip(rows, strips)):
         img = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).convert("RGB")
-        canvas.paste(img, (label_w, r * h))
-        draw.text((4, r * h + h // 2 - 6), name, fill="black")
+        canvas.paste(img, (label_w, head + r * h))
+        draw.text((4, head + r * h + h // 2 - 6), name, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

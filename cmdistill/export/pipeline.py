@@ -212,23 +212,59 @@ class ConsistencyPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
-def save_student(fn: ConsistencyFunction, folder: str | os.PathLike,
-                 multistep_sigmas: Optional[dict] = None) -> Path:
-    """Save a trained consistency function as a ``ConsistencyPipeline`` folder, atomically: written into a
-    temporary sibling folder, then moved into place (an existing folder is removed only afterwards). Default
-    multistep sigmas for 2-4 steps are stored unless given."""
+def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_sigmas: Optional[dict] = None,
+                 card: Optional[dict] = None) -> Path:
+    """Save a trained consistency function as a ``ConsistencyPipeline`` folder with a model card (``README.md``,
+    :func:`write_model_card`; ``card`` holds what the card says about the teacher and the run), atomically: written
+    into a temporary sibling folder, then moved into place. Default multistep sigmas for 2-4 steps are stored unless
+    given."""
+    from ..files import make_readable, replace_dir
+
     folder = Path(folder)
     if multistep_sigmas is None:
         multistep_sigmas = {k: default_multistep_sigmas(fn.sigma_min, fn.sigma_max, k) for k in (2, 3, 4)}
-    tmp, old = folder.with_name(f".tmp-{folder.name}"), folder.with_name(f".old-{folder.name}")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    ConsistencyPipeline.from_student(fn, multistep_sigmas).save_pretrained(str(tmp), safe_serialization=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = ConsistencyPipeline.from_student(fn, multistep_sigmas)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    write_model_card(tmp, pipe, **(card or {}))
+    make_readable(tmp)
+    replace_dir(tmp, folder)
     return folder
+
+
+CARD_EVALUATION = "## Evaluation"
+
+
+def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", teacher: str = "unknown",
+                     recipe: str = "unknown", steps: Optional[int] = None, evaluation: Optional[str] = None) -> Path:
+    """``README.md`` of a student folder, as diffusers / Hub repositories have: what the model is, its teacher and
+    recipe, how to load it (``import cmdistill`` registers the class with diffusers) and the evaluation table
+    (``evaluation``: markdown, or a note that the run was not evaluated)."""
+    fn = pipe.consistency_function
+    c, h, w = image_shape(pipe.unet)
+    stored = pipe.config.multistep_sigmas or {}
+    lines = [
+        "---", "library_name: diffusers", "tags: [consistency-model, cmdistill, unconditional-image-generation]", "---",
+        "", f"# Consistency model distilled from `{teacher}`", "",
+        f"A 1-4 step consistency model (Song et al. 2023, \"Consistency Models\", Algorithm 2) distilled with "
+        f"cmdistill from the diffusers teacher `{teacher}` with the recipe `{recipe}`"
+        + (f" for {steps} optimiser steps" if steps else "") + ". It generates "
+        f"{c}x{h}x{w} images; its noise range is sigma in ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}] "
+        f"(EDM units), boundary `{fn.boundary}`"
+        + (", sampling starts from the data mean plus noise" if fn.prior_mean is not None else "") + ".", "",
+        "## Use", "", "```python", "import cmdistill  # registers ConsistencyPipeline with diffusers",
+        "from diffusers import DiffusionPipeline", "",
+        "pipe = DiffusionPipeline.from_pretrained(\"path/to/this/folder\")",
+        "images = pipe(batch_size=16, num_inference_steps=1).images  # 1-4 steps", "```", "",
+        "Stored multistep noise levels: "
+        + ("; ".join(f"{k} steps {[round(float(s), 4) for s in v]}" for k, v in stored.items()) or "defaults") + ".",
+        "", CARD_EVALUATION, "",
+        evaluation or "Not evaluated yet: `cmdistill evaluate RUN_DIR` measures it against its teacher.", "",
+    ]
+    path = Path(folder) / "README.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def register_with_diffusers() -> None:

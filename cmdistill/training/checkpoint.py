@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import make_readable
+
 CKPT_RE = re.compile(r"^step_(\d+)$")
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -205,6 +207,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, recipe_yaml: str, ke
             save_model(module, str(tmp / f"{name}.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps({"format": FORMAT, "step": step, **(counters or {})}, indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
+        make_readable(tmp)  # safetensors writes 0600; every file of a run is 0644 (umask permitting)
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_file(f)

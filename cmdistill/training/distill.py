@@ -119,6 +119,19 @@ class Distillation:
                                    acc.process_index, acc.num_processes, self.recipe.data.num_workers,
                                    pin_memory=acc.device.type == "cuda")
 
+    def describe(self) -> list[str]:
+        """The run's header: teacher, data, student range and loss."""
+        r, t, fn = self.recipe, self.teacher, self.student
+        c, h, w = image_shape(t.net)
+        n_params = sum(p.numel() for p in t.net.parameters()) / 1e6
+        sch = r.schedule
+        return [f"teacher: {r.teacher.path} ({t.kind}, {getattr(t, 'prediction_type', '?')}, sigma "
+                f"{t.sigma_min:.4g}..{t.sigma_max:.4g}, {n_params:.2f} M parameters, {r.teacher.dtype})",
+                f"data: {r.data.name}, {len(self.dataset)} images of {c}x{h}x{w}" + (", hflip" if r.data.hflip else ""),
+                f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, prior "
+                f"{r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} points, {r.solver.name} "
+                f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"]
+
     def next_batch(self) -> torch.Tensor:
         """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``."""
         x0 = next(self.batches)[0].to(self.acc.device, non_blocking=True)

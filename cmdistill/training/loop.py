@@ -74,6 +74,7 @@ class Task(Protocol):
     def after_update(self) -> None: ...                  # after a real optimiser step: target and EMA updates
     def finite_modules(self) -> tuple[nn.Module, ...]: ...  # checked before a checkpoint is written
     def save_samples(self, path: Path) -> None: ...      # a PNG grid (main process)
+    def describe(self) -> list[str]: ...                 # what is about to be trained, for the run's header
 
 
 class TrainState:
@@ -94,8 +95,10 @@ class TrainState:
 # --------------------------------------------------------------------------- output folder
 
 
-def check_output_dir(out: Path, resume: str | None, overwrite: bool, resume_path: Path | None = None) -> None:
-    """Refuse to mix two runs in one folder unless ``--resume`` or ``--overwrite``. Writes nothing."""
+def check_output_dir(out: Path, resume: str | None, overwrite: bool, resume_path: Path | None = None,
+                     recipe_yaml: str | None = None) -> None:
+    """Refuse to mix two runs in one folder unless ``--resume`` or ``--overwrite``. Writes nothing. The hint fits
+    the case: a run of the same recipe can be continued (``--resume latest``), one of another recipe cannot."""
     out = Path(out)
     if resume is not None and overwrite:
         raise RunError("--resume and --overwrite cannot be used together (--overwrite deletes the checkpoints)")
@@ -108,6 +111,11 @@ def check_output_dir(out: Path, resume: str | None, overwrite: bool, resume_path
                            "or choose another --output-dir for a run started from an outside checkpoint")
         return
     if holds_run and not overwrite:
+        changes = recipe_changes((out / "recipe.yaml").read_text(), recipe_yaml) if recipe_yaml else []
+        if changes:
+            raise RunError(f"output folder {out} already holds a run of another recipe ({changes[0]}"
+                           f"{f' and {len(changes) - 1} more' if len(changes) > 1 else ''}); choose another "
+                           "--output-dir, or pass --overwrite to replace that run")
         raise RunError(f"output folder {out} already holds a run; pass --resume latest to continue it "
                        "or --overwrite to replace it")
     if not holds_run and out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -203,6 +211,46 @@ def has_tensorboard() -> bool:
     return False
 
 
+def configure_threads(cpu_threads: int | None, accelerator) -> int | None:
+    """torch threads per process on a CPU run: ``train.cpu_threads`` when set; else, with several processes on this
+    machine and no ``OMP_NUM_THREADS``, the cores this process may use divided among them (two processes each taking
+    every core make OpenMP threads spin against each other); else torch's own setting (all cores, or what the caller
+    or ``OMP_NUM_THREADS`` chose). Returns the number in force (``None`` on an accelerator)."""
+    if accelerator.device.type != "cpu":
+        return None
+    if cpu_threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
+        if local <= 1 or os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpu_threads = max(1, cores // local)
+    torch.set_num_threads(cpu_threads)
+    return cpu_threads
+
+
+class StepRateWatch:
+    """Warns once when the training step rate collapses (another process competing for the CPU cores: OpenMP
+    threads busy-wait, and a 2-thread step next to another 2-thread process was measured 46x slower)."""
+
+    def __init__(self, factor: float = 3.0, patience: int = 2):
+        self.factor, self.patience = factor, patience
+        self.best, self.slow, self.intervals, self.warned = 0.0, 0, 0, False
+
+    def update(self, steps_per_s: float) -> str | None:
+        """Feed one logging interval's rate; returns the warning the first time the rate has stayed below
+        ``best / factor`` for ``patience`` intervals (the first interval, with its warm-up, is not a reference)."""
+        self.intervals += 1
+        if self.intervals > 1:
+            self.best = max(self.best, steps_per_s)
+        self.slow = self.slow + 1 if self.best and steps_per_s < self.best / self.factor else 0
+        if self.slow >= self.patience and not self.warned:
+            self.warned = True
+            return (f"cmdistill: warning: training slowed from {self.best:.2f} to {steps_per_s:.2f} steps/s; another "
+                    "process is probably competing for the CPU cores. Run alone, or give each process fewer threads "
+                    "(train.cpu_threads=1 or OMP_NUM_THREADS=1)")
+        return None
+
+
 # --------------------------------------------------------------------------- non-finite values
 
 
@@ -256,12 +304,15 @@ def all_finite(*modules) -> bool:
 
 
 def peak_memory_summary(device: torch.device | None = None) -> str:
-    """``peak memory 1.23 GiB (process RSS)`` (+ the CUDA allocator's peak on a GPU), for end-of-run reports."""
+    """``peak memory 1.23 GiB (...)``: the peak resident set size of this process so far (``getrusage``'s
+    ``ru_maxrss``, in GiB = 2^30 bytes; DataLoader worker processes not included), plus the CUDA allocator's peak on
+    a GPU. ``/usr/bin/time`` reports the same counter in KiB at process exit, so it can be a little higher: it
+    includes what runs after this line (writing files, interpreter shutdown)."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     rss_gib = rss / 2**30 if sys.platform == "darwin" else rss / 2**20
-    out = f"peak memory {rss_gib:.2f} GiB (process RSS)"
+    out = f"peak memory so far {rss_gib:.2f} GiB (RSS of this process, getrusage)"
     if device is not None and device.type == "cuda":
         out += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}"
     return out
@@ -317,7 +368,7 @@ def train(recipe, task_cls, export: Callable[[Task, Path], Path], resume: str | 
     ckpt_dir = out / "checkpoints"
 
     # 0. everything that can be wrong is checked before anything is written
-    check_output_dir(out, resume, overwrite)
+    check_output_dir(out, resume, overwrite, recipe_yaml=recipe_yaml)
     resume_path = resolve_resume(resume, out) if resume else None
     check_output_dir(out, resume, overwrite, resume_path)
     accelerator = make_accelerator(tc, out)
@@ -326,6 +377,7 @@ def train(recipe, task_cls, export: Callable[[Task, Path], Path], resume: str | 
     if (tc.batch_size // tc.grad_accum) % accelerator.num_processes:
         raise RunError(f"train.batch_size / grad_accum = {tc.batch_size // tc.grad_accum} is not divisible by "
                        f"{accelerator.num_processes} processes")
+    threads = configure_threads(tc.cpu_threads, accelerator)
     set_seed(tc.seed, device_specific=True)
     task = task_cls(recipe, accelerator)
     state, rng = TrainState(), None
@@ -346,8 +398,17 @@ def train(recipe, task_cls, export: Callable[[Task, Path], Path], resume: str | 
             print(f"cmdistill: warning: resuming with a recipe that differs from the checkpoint's "
                   f"(the run will not match an uninterrupted one): {'; '.join(changes)}", file=sys.stderr)
     task.start(state.step)
-    if has_tensorboard():
-        accelerator.init_trackers(task.name)
+    if accelerator.is_main_process:
+        where = f"{accelerator.num_processes} process(es) on {accelerator.device}" + (
+            f", {threads} CPU threads each" if threads else "")
+        for line in task.describe() + [
+                f"training: steps {state.step} -> {tc.max_steps}, batch {tc.batch_size}"
+                + (f" ({tc.grad_accum} accumulation steps)" if tc.grad_accum > 1 else "")
+                + f", {where}, mixed precision {tc.mixed_precision}", f"output: {out}"]:
+            print(f"{task.name}: {line}")
+    if has_tensorboard():  # a resumed run drops what the log holds beyond its checkpoint (purge_step)
+        accelerator.init_trackers(task.name, init_kwargs={"tensorboard": {"purge_step": state.step + 1}}
+                                  if state.step else {})  # the first step this run logs
     if rng is not None:  # last: the loop continues the very RNG streams the checkpoint captured
         restore_rng(rng, accelerator.device, task.generators)
 
@@ -387,6 +448,7 @@ def run_steps(accelerator, task: Task, recipe, state: TrainState, out: Path, rec
     bar = tqdm(total=tc.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                desc=task.name, dynamic_ncols=True)
     loss_sum, loss_n, t_last, imgs_last = torch.zeros((), device=device), 0, time.perf_counter(), 0
+    watch = StepRateWatch() if device.type == "cpu" else None
     try:
         while state.step < tc.max_steps:
             step_loss, ok = optimizer_step(accelerator, task, state.step, tc.grad_accum, recipe.optim.grad_clip,
@@ -414,6 +476,9 @@ def run_steps(accelerator, task: Task, recipe, state: TrainState, out: Path, rec
                 now = time.perf_counter()
                 ips = imgs_last / (now - t_last)
                 bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{ips:.1f}")
+                warning = watch.update(ips / tc.batch_size) if watch is not None else None
+                if warning and accelerator.is_main_process:
+                    bar.write(warning, file=sys.stderr)
                 accelerator.log({"loss": loss, "lr": task.lr_scheduler.get_last_lr()[0], "images_per_s": ips,
                                  "skipped_steps": state.skipped}, step=state.step)
                 loss_sum.zero_()

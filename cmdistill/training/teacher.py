@@ -102,8 +102,16 @@ class TeacherTraining:
         self.modules = {"ema": self.ema}
         self.generators = {"flip": self.flip_gen}
         self.batches = None
-        n_params = sum(p.numel() for p in unet.parameters())
-        accelerator.print(f"teacher U-Net: {n_params / 1e6:.2f} M parameters; data {dc.name}: {len(dataset)} images")
+
+    def describe(self) -> list[str]:
+        """The run's header: network, noise schedule, data."""
+        r = self.recipe
+        n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        sc = r.scheduler
+        return [f"U-Net: {n_params:.2f} M parameters, {r.unet.in_channels}x{r.unet.sample_size}x{r.unet.sample_size}",
+                f"noise: DDPM {sc.num_train_timesteps} steps, {sc.beta_schedule} betas, predicts {sc.prediction_type}",
+                f"data: {r.data.name}, {len(self.dataset)} images" + (", hflip" if r.data.hflip else ""),
+                f"export: {r.train.export_dir or Path(r.train.output_dir) / 'pipeline'}"]
 
     def start(self, step: int) -> None:
         """The data stream from optimiser step ``step`` on (batch positions are a pure function of the step)."""
