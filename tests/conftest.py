@@ -68,19 +68,12 @@ def single_thread():
         yield
 
 
-@pytest.fixture(scope="session")
-def tiny_run_dir(tmp_path_factory, tiny_teacher_dir):
-    """A finished 2-step ``cmdistill distill`` run of the tiny teacher on digits with ``eval.at_end`` on
-    (16 samples per sampler, digits features), so it also holds the end-of-run report. Copy before changing it."""
+def distill_digits(out: Path, sets: list[str]) -> Path:
+    """``cmdistill distill recipes/digits.yaml -o out --set ...`` on one thread; asserts it succeeded."""
     from click.testing import CliRunner
 
     from cmdistill.cli import main
 
-    out = tmp_path_factory.mktemp("run") / "digits"
-    sets = [f"teacher.path={tiny_teacher_dir}", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2",
-            "loss.distance=l2", "train.num_sample_images=8", "eval.at_end=true", "eval.num_samples=16",
-            "eval.batch_size=16", "eval.search_sigmas=false",
-            "student.sigma_max=null"]  # the teacher's full range: tests sample from sigma 100
     args = ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(out)]
     for s in sets:
         args += ["--set", s]
@@ -88,6 +81,17 @@ def tiny_run_dir(tmp_path_factory, tiny_teacher_dir):
         res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory, tiny_teacher_dir):
+    """A finished 2-step ``cmdistill distill`` run of the tiny teacher on digits with ``eval.at_end`` on
+    (16 samples per sampler, digits features), so it also holds the end-of-run report. Copy before changing it."""
+    return distill_digits(tmp_path_factory.mktemp("run") / "digits", [
+        f"teacher.path={tiny_teacher_dir}", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2",
+        "loss.distance=l2", "train.num_sample_images=8", "eval.at_end=true", "eval.num_samples=16",
+        "eval.batch_size=16", "eval.search_sigmas=false",
+        "student.sigma_max=null"])  # the teacher's full range: tests sample from sigma 100
 
 
 @pytest.fixture

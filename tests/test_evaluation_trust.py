@@ -15,7 +15,7 @@ from cmdistill.cli import main
 from cmdistill.evaluation.evaluate import evaluate, evaluation_seeds, search_seeds
 from cmdistill.evaluation.metrics import knn_radii, precision_recall
 from cmdistill.evaluation.report import headline
-from conftest import REPO, _threads
+from conftest import distill_digits
 from test_evaluate import TinyFeatures
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -181,17 +181,10 @@ def test_store_needs_search(run_copy):
 
 @pytest.fixture(scope="module")
 def two_checkpoint_run(tmp_path_factory, tiny_teacher_dir):
-    out = tmp_path_factory.mktemp("curve") / "run"
-    sets = [f"teacher.path={tiny_teacher_dir}", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=1",
-            "train.keep_checkpoints=5", "loss.distance=l2", "train.num_sample_images=4", "eval.at_end=false",
-            "eval.curve=false", "eval.num_samples=16", "eval.batch_size=16", "student.sigma_max=null"]
-    args = ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    with _threads(1):
-        res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    return out
+    return distill_digits(tmp_path_factory.mktemp("curve") / "run", [
+        f"teacher.path={tiny_teacher_dir}", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=1",
+        "train.keep_checkpoints=5", "loss.distance=l2", "train.num_sample_images=4", "eval.at_end=false",
+        "eval.curve=false", "eval.num_samples=16", "eval.batch_size=16", "student.sigma_max=null"])
 
 
 def test_curve_scores_checkpoints_without_touching_the_run(two_checkpoint_run, tmp_path):
