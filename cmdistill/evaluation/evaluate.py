@@ -74,7 +74,10 @@ def paired_distances(x: torch.Tensor, ref: torch.Tensor, lpips: nn.Module | None
 
 def load_lpips(net: str = "vgg", device="cpu") -> tuple[nn.Module | None, str]:
     """LPIPS (CM's VGG variant) when torchvision's backbone weights are already cached; never downloads."""
-    import torchvision.models as tvm
+    try:
+        import torchvision.models as tvm
+    except ImportError as e:
+        return None, f"unavailable: torchvision cannot be imported ({type(e).__name__})"
 
     weights = {"vgg": tvm.VGG16_Weights.IMAGENET1K_V1, "alex": tvm.AlexNet_Weights.IMAGENET1K_V1}[net]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
