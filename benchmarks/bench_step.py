@@ -71,6 +71,7 @@ def build(args, device, teacher_dir: Path):
         over.append("loss.lpips_pretrained=false")  # offline; a random VGG costs the same as the pretrained one
     if device.type == "cpu":
         over.append("train.mixed_precision='no'")  # bf16 autocast on CPU is a separate experiment (--set)
+        over.append("teacher.dtype=fp32")  # teacher.dtype now applies on any device; bf16 weights on CPU: --set
     path = args.recipe or RECIPES[args.model]
     args.loader_batch = load_recipe(path, list(args.overrides)).train.batch_size  # the recipe's own batch
     return load_recipe(path, over + list(args.overrides))
