@@ -193,6 +193,8 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
 @click.option("--sigmas", default=None, metavar="S1,S2,…", show_default=True,
               help="Student noise levels, descending (sets --steps; default: the student's stored ones).")
 @click.option("--num", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
+@click.option("--class-label", type=click.IntRange(min=0), default=None, show_default=True,
+              help="Class of every image, for a class-conditional student (diffusers' class_labels).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, show_default=True,
               help="Output folder (default: <run>/generated/<tag>, or runs/generated/<tag> for a teacher).")
@@ -200,7 +202,7 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
               help="Images per network call.")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @friendly_errors
-def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, batch_size, device):
+def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, seed, out, batch_size, device):
     """Sample the newest distilled student (CM Algorithm 1) or a teacher; write PNGs, grid.png, samples.npz."""
     from pathlib import Path
 
@@ -211,8 +213,8 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
     if teacher is not None:
         from .teachers import load_teacher
 
-        if sig is not None:
-            raise G.SampleError("--sigmas applies to the student; the teacher uses its own timesteps")
+        if sig is not None or class_label is not None:
+            raise G.SampleError("--sigmas and --class-label apply to the student")
         steps = steps or 50
         den = load_teacher(teacher).to(device)
         x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing)
@@ -227,11 +229,12 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, seed, out, ba
             raise G.SampleError(f"--steps {steps} does not match the {len(sig)} values of --sigmas")
         pipe = G.load_student(student, device)
         try:
-            x, sig = G.sample_student(pipe, num, steps or 1, sig, seed, batch_size)
+            x, sig = G.sample_student(pipe, num, steps or 1, sig, seed, batch_size, class_label=class_label)
         except ValueError as e:
             raise G.SampleError(str(e)) from e
         steps = len(sig)
-        tag, meta = f"student-{steps}step-seed{seed}", {"student": str(student), "sigmas": sig}
+        tag = f"student-{steps}step-seed{seed}" + (f"-class{class_label}" if class_label is not None else "")
+        meta = {"student": str(student), "sigmas": sig, "class_label": class_label}
         folder = Path(student)
         base = (folder if (folder / "recipe.yaml").is_file() else folder.parent) / "generated"
     meta.update(steps=steps, seed=seed, num=num)

@@ -1,4 +1,5 @@
-"""Datasets in [-1, 1] (C, H, W), a resumable, rank-aware batch sampler, and the data mean of the 1-step prior.
+"""Datasets in [-1, 1] (C, H, W) with their class labels, a resumable, rank-aware batch sampler, and the data mean
+of the 1-step prior. Every dataset yields ``(image, label)``; unconditional teachers ignore the label.
 
 Registry keyed by ``data.name``: ``cifar10`` (torchvision download into a cache folder), ``imagefolder``
 (any folder of images) and ``digits`` (scikit-learn's bundled 8x8 digits, offline).
@@ -23,11 +24,12 @@ class DataError(RuntimeError):
 
 
 def digits_dataset(root: str, resolution: int | None = None, channels: int = 1) -> Dataset:
-    """scikit-learn's 1797 8x8 digits (values 0..16) scaled to [-1, 1], shape (1, 8, 8)."""
+    """scikit-learn's 1797 8x8 digits (values 0..16) scaled to [-1, 1], shape (1, 8, 8), with their labels 0..9."""
     from sklearn.datasets import load_digits
 
-    x = torch.tensor(load_digits().images, dtype=torch.float32) / 16.0 * 2 - 1
-    return TensorDataset(x[:, None])
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32) / 16.0 * 2 - 1
+    return TensorDataset(x[:, None], torch.tensor(d.target))
 
 
 def digits_labels() -> torch.Tensor:
@@ -37,8 +39,9 @@ def digits_labels() -> torch.Tensor:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, files: list[Path], resolution: int, channels: int):
+    def __init__(self, files: list[Path], resolution: int, channels: int, labels: list[int] | None = None):
         self.files, self.resolution, self.mode = files, resolution, "L" if channels == 1 else "RGB"
+        self.labels = labels or [0] * len(files)
 
     def __len__(self):
         return len(self.files)
@@ -57,11 +60,13 @@ class _ImageFiles(Dataset):
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable or truncated files
             raise DataError(f"cannot read image {str(self.files[i])!r}: {type(e).__name__}: {e}") from None
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        return (torch.from_numpy(np.ascontiguousarray(a)),)
+        return torch.from_numpy(np.ascontiguousarray(a)), torch.tensor(self.labels[i])
 
 
 def imagefolder_dataset(root: str, resolution: int | None = None, channels: int = 3) -> Dataset:
-    """Every image under ``root`` (recursively), centre-cropped and resized to ``resolution``."""
+    """Every image under ``root`` (recursively), centre-cropped and resized to ``resolution``. Labelled as
+    torchvision's ``ImageFolder`` does: the sorted names of ``root``'s sub-folders are classes 0, 1, ...; an image
+    directly in ``root`` has label 0 (an unlabelled folder)."""
     p = Path(os.path.expanduser(root))
     if p.exists() and not p.is_dir():
         raise DataError(f"image folder {root!r} is a file, not a folder")
@@ -72,18 +77,22 @@ def imagefolder_dataset(root: str, resolution: int | None = None, channels: int 
         raise DataError(f"image folder {root!r} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
     if resolution is None:
         raise DataError("imagefolder needs a resolution (the teacher's sample_size or data.resolution)")
-    return _ImageFiles(files, resolution, channels)
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(f.relative_to(p).parts[0], 0) if len(f.relative_to(p).parts) > 1 else 0 for f in files]
+    return _ImageFiles(files, resolution, channels, labels)
 
 
 class _Cifar(Dataset):
-    def __init__(self, data: np.ndarray):
+    def __init__(self, data: np.ndarray, targets=None):
         self.data = data  # uint8 N, 32, 32, 3
+        self.targets = list(targets) if targets is not None else [0] * len(data)
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
-        return (torch.from_numpy(self.data[i]).permute(2, 0, 1).float() / 127.5 - 1,)
+        return torch.from_numpy(self.data[i]).permute(2, 0, 1).float() / 127.5 - 1, torch.tensor(self.targets[i])
 
 
 def cifar10_dataset(root: str, resolution: int | None = None, channels: int = 3) -> Dataset:
@@ -98,7 +107,7 @@ def cifar10_dataset(root: str, resolution: int | None = None, channels: int = 3)
             f"cannot download CIFAR-10 into {root!r} ({type(e).__name__}); are you offline? "
             "Run once with network access or use data.name=imagefolder"
         ) from e
-    return _Cifar(ds.data)
+    return _Cifar(ds.data, ds.targets)
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
@@ -112,6 +121,16 @@ def make_dataset(name: str, root: str, resolution: int | None, channels: int) ->
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](root, resolution, channels)
+
+
+def num_labels(ds: Dataset) -> int:
+    """The number of classes the labels of ``ds`` use (1 + the largest label)."""
+    if isinstance(ds, TensorDataset) and len(ds.tensors) > 1:
+        return int(ds.tensors[1].max()) + 1
+    labels = getattr(ds, "labels", None) or getattr(ds, "targets", None)
+    if labels is None:
+        labels = [int(ds[i][1]) if len(ds[i]) > 1 else 0 for i in range(len(ds))]
+    return int(max(labels)) + 1
 
 
 def check_fits(ds: Dataset, resolution: int, channels: int, name: str) -> None:

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -205,7 +206,10 @@ def test_resume_purges_the_logged_steps_after_the_checkpoint(tiny_teacher_dir, t
             "--set", "train.num_sample_images=2", "--set", "train.sample_every=100"]
     with _threads(1):
         assert CliRunner().invoke(main, args).exit_code == 0
-        # as if killed after step 4 and resumed from the checkpoint at step 2: steps 3 and 4 are logged again
+        # as if killed after step 4 and resumed from the checkpoint at step 2: steps 3 and 4 are logged again.
+        # TensorBoard orders event files by name (time in seconds, then a per-process counter): a real resume
+        # starts in a later second; here, wait for one
+        time.sleep(1.1)
         res = CliRunner().invoke(main, args + ["--resume", str(out / "checkpoints" / "step_00000002")])
     assert res.exit_code == 0, res.output
     acc = EventAccumulator(str(out / "logs" / "distill"))

@@ -52,6 +52,12 @@ def skip_sync_checks():
         _checks.enabled = before
 
 
+def num_class_embeds(net) -> int | None:
+    """The class embeddings of a class-conditional diffusers U-Net (``num_class_embeds``), ``None`` when it has none."""
+    n = getattr(getattr(net, "config", None), "num_class_embeds", None)
+    return int(n) if n else None
+
+
 def image_shape(net) -> tuple[int, int, int]:
     """``(C, H, W)`` of a diffusers U-Net (its ``sample_size`` is an int or an ``(H, W)`` pair)."""
     cfg = net.config

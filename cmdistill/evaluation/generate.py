@@ -81,10 +81,11 @@ def run_batches(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], noi
     return torch.cat(outs), len(noise) / max(time.perf_counter() - t0, 1e-9)
 
 
-def student_fn(pipe, sigmas: Sequence[float]) -> Callable:
-    """``z, g -> x``: the pipeline's CM Algorithm 1 from given starting noise."""
+def student_fn(pipe, sigmas: Sequence[float], class_label: int | None = None) -> Callable:
+    """``z, g -> x``: the pipeline's CM Algorithm 1 from given starting noise (all of one class when given)."""
     sigmas = pipe.check_sigmas(sigmas)
-    return lambda z, g: pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent").images
+    return lambda z, g: pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent",
+                             class_labels=class_label).images
 
 
 def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = DEFAULT_TEACHER_SPACING) -> Callable:
@@ -100,11 +101,13 @@ def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = DEFAULT_
 
 
 def sample_student(pipe, num: int, steps: int = 1, sigmas: Sequence[float] | None = None, seed: int = 0,
-                   batch_size: int = 256, progress: bool = True) -> tuple[torch.Tensor, list[float]]:
-    """``num`` student samples in [-1, 1] and the sigmas used (stored ones for ``steps`` unless given)."""
+                   batch_size: int = 256, progress: bool = True,
+                   class_label: int | None = None) -> tuple[torch.Tensor, list[float]]:
+    """``num`` student samples in [-1, 1] and the sigmas used (stored ones for ``steps`` unless given); a
+    class-conditional student samples ``class_label``."""
     sigmas = pipe.check_sigmas(sigmas if sigmas is not None else pipe.sigmas_for(steps))
     noise, g = initial_noise(num, image_shape(pipe.unet), seed)
-    x, _ = run_batches(student_fn(pipe, sigmas), noise, g, batch_size, pipe.device,
+    x, _ = run_batches(student_fn(pipe, sigmas, class_label), noise, g, batch_size, pipe.device,
                        f"student {len(sigmas)}-step", progress)
     return x, sigmas
 

@@ -22,8 +22,8 @@ from ..core.consistency import make_student, make_target, update_target
 from ..core.losses import get_weighting, make_distance
 from ..core.sampling import sample_consistency
 from ..core.schedules import PairSchedule
-from ..core.tensors import DTYPES, image_shape, to_device
-from ..data import DataError, check_fits, make_dataset, prior_mean, random_hflip, step_loader
+from ..core.tensors import DTYPES, image_shape, num_class_embeds, to_device
+from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip, step_loader
 from ..images import save_grid
 from ..teachers import load_teacher
 from .ema import make_eval_ema
@@ -111,6 +111,13 @@ class Distillation:
         self.sample_noise = torch.randn(tc.num_sample_images, c, h, w,
                                         generator=torch.Generator().manual_seed(tc.seed)).to(device)
         self.batches = None
+        self.conditional = num_class_embeds(self.teacher.net) is not None
+        if self.conditional and num_labels(self.dataset) > num_class_embeds(self.teacher.net):
+            raise DataError(f"dataset {recipe.data.name!r} has {num_labels(self.dataset)} classes but the teacher "
+                            f"embeds {num_class_embeds(self.teacher.net)}")
+        # sample grids of a conditional student: one class per column, cycling through the data's classes
+        self.sample_cond = ({"class_labels": (torch.arange(tc.num_sample_images) % num_labels(self.dataset))
+                             .to(device)} if self.conditional else {})
 
     def start(self, step: int) -> None:
         """The data stream from optimiser step ``step`` on: batch positions are a pure function of the step."""
@@ -132,18 +139,23 @@ class Distillation:
                 f"{r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} points, {r.solver.name} "
                 f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"]
 
-    def next_batch(self) -> torch.Tensor:
-        """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``."""
-        x0 = next(self.batches)[0].to(self.acc.device, non_blocking=True)
-        return random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
+    def next_batch(self) -> tuple[torch.Tensor, dict]:
+        """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``, and its conditioning: the class labels
+        when the teacher is class-conditional (``class_labels``, diffusers' argument name), else nothing."""
+        batch = next(self.batches)
+        x0 = batch[0].to(self.acc.device, non_blocking=True)
+        x0 = random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
+        if self.conditional and len(batch) > 1:
+            return x0, {"class_labels": batch[1].to(self.acc.device, non_blocking=True)}
+        return x0, {}
 
     def loss(self, step: int) -> torch.Tensor:
         """CM Algorithm 2, lines 3-7 on the next micro-batch: pair ``(sigma_hi, sigma_lo)``, teacher ODE step, student
-        and target outputs, weighted distance."""
-        x0 = self.next_batch()
+        and target outputs, weighted distance; the batch's class labels reach all three networks."""
+        x0, cond = self.next_batch()
         sigma_hi, sigma_lo = (to_device(t, self.acc.device) for t in self.pairs.sample(x0.shape[0], step))
         return cd_loss(self.model, self.target, self.teacher, x0, sigma_hi, sigma_lo, self.distance, self.weighting,
-                       self.recipe.solver.name, self.recipe.solver.substeps).loss
+                       self.recipe.solver.name, self.recipe.solver.substeps, **cond).loss
 
     def after_update(self) -> None:
         update_target(self.target, self.student, self.recipe.student.target_decay)
@@ -160,7 +172,7 @@ class Distillation:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.acc.autocast():
             fn.eval()
             try:
-                x = sample_consistency(fn, self.sample_noise, [fn.sigma_max])
+                x = sample_consistency(fn, self.sample_noise, [fn.sigma_max], **self.sample_cond)
             finally:
                 fn.train(was_training)
         save_grid(x, path)
