@@ -160,6 +160,7 @@ class UNetConfig:
     attention_head_dim: int = 8
     norm_num_groups: int = 8
     dropout: float = 0.0
+    num_class_embeds: Optional[int] = None  # class-conditional: the data's classes (+ 1 null class for guidance)
 
 
 @dataclass
@@ -187,6 +188,7 @@ class TeacherTrainConfig(LoopConfig):
     ema_power: float = 0.6667
     sample_steps: int = 50
     export_dir: Optional[str] = None       # the DDPMPipeline folder; None: <output_dir>/pipeline
+    label_dropout: float = 0.0             # class-conditional: labels replaced by the null class (CFG training)
 
 
 @dataclass
@@ -235,9 +237,10 @@ POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip",
             "eval.num_samples", "eval.batch_size", "eval.seeds", "train.sample_steps", "unet.sample_size", "unet.in_channels",
             "unet.layers_per_block", "unet.attention_head_dim", "unet.norm_num_groups",
             "scheduler.num_train_timesteps", "scheduler.beta_start", "scheduler.beta_end"}
-UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay", "unet.dropout"}
+UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay", "unet.dropout",
+                 "train.label_dropout"}
 # > 0 when set (None allowed where the annotation is Optional)
-POSITIVE_OR_NONE = {"train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
+POSITIVE_OR_NONE = {"unet.num_class_embeds", "train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
                     "student.sigma_max"}
 NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",

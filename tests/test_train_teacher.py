@@ -111,3 +111,29 @@ def test_prediction_targets_match_the_scheduler_definitions():
     b = (1 - sched.alphas_cumprod[t]).sqrt()[:, None, None, None]
     torch.testing.assert_close(TARGETS["v_prediction"](sched, x0, eps, t), a * eps - b * x0)
     assert TARGETS["epsilon"](sched, x0, eps, t) is eps and TARGETS["sample"](sched, x0, eps, t) is x0
+
+
+def test_class_conditional_teacher_with_label_dropout(tmp_path, monkeypatch):
+    """A class-conditional teacher (num_class_embeds = 10 digits + 1 null class): the network sees the labels, each
+    replaced by the null class with probability train.label_dropout; the export keeps the class embedding."""
+    import cmdistill.training.teacher as T
+    from diffusers import UNet2DModel
+
+    seen = []
+    orig = T.ddpm_loss
+
+    def recording(unet, sched, x0, **cond):
+        seen.append(cond["class_labels"].clone())
+        return orig(unet, sched, x0, **cond)
+
+    monkeypatch.setattr(T, "ddpm_loss", recording)
+    _train(tmp_path / "run", 20, "--set", "unet.num_class_embeds=11", "--set", "train.label_dropout=0.5")
+    labels = torch.cat(seen)
+    null = (labels == 10).float().mean().item()
+    assert len(labels) == 160 and 0.3 < null < 0.7 and set(labels[labels < 10].tolist()) <= set(range(10))
+    unet = UNet2DModel.from_pretrained(tmp_path / "run" / "pipeline" / "unet")
+    assert unet.config.num_class_embeds == 11
+    res = CliRunner().invoke(main, ["train-teacher", RECIPE, "-o", str(tmp_path / "other"), "--set",
+                                    "unet.num_class_embeds=10", "--set", "train.label_dropout=0.1"] +
+                             sum([["--set", kv] for kv in TINY + ["train.max_steps=1"]], []))
+    assert res.exit_code == 2 and "null class" in res.stderr

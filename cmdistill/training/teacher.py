@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, NoiseConfig, TeacherRecipe, UNetConfig
-from ..data import check_fits, make_dataset, random_hflip, step_loader
+from ..data import check_fits, make_dataset, num_labels, random_hflip, step_loader
 from ..images import save_grid
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
@@ -51,28 +51,31 @@ TARGETS: dict[str, Callable] = {
 }
 
 
-def ddpm_loss(unet, sched, x0: torch.Tensor) -> torch.Tensor:
+def ddpm_loss(unet, sched, x0: torch.Tensor, **cond) -> torch.Tensor:
     """Ho et al. (2020) Algorithm 1: ``t ~ U{0..T-1}``, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``,
     mean squared error between the network output and the prediction target. Draws from the global RNG, which
-    the training loop checkpoints and restores like every other stream."""
+    the training loop checkpoints and restores like every other stream. ``cond`` (``class_labels``) goes to the
+    network."""
     noise = torch.randn(x0.shape).to(x0.device)
     t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],)).to(x0.device)
     x_t = sched.add_noise(x0, noise, t)
-    out = unet(x_t, t).sample
+    out = unet(x_t, t, **cond).sample
     tgt = TARGETS[sched.config.prediction_type](sched, x0, noise, t)
     return torch.nn.functional.mse_loss(out.float(), tgt.float())
 
 
 @torch.no_grad()
-def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0) -> torch.Tensor:
-    """``n`` deterministic DDIM samples of ``unet`` through the package's own teacher adapter and sampler."""
+def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0, classes: int | None = None) -> torch.Tensor:
+    """``n`` deterministic DDIM samples of ``unet`` through the package's own teacher adapter and sampler; a
+    class-conditional ``unet`` draws class ``i % classes`` for image ``i``."""
     from ..core.denoisers import build_denoiser
     from ..core.sampling import sample_ode, teacher_sigmas
     from ..core.tensors import image_shape
 
     den = build_denoiser(unet, dict(sched.config), "ddpm")
     noise = torch.randn(n, *image_shape(unet), generator=torch.Generator().manual_seed(seed))
-    return sample_ode(den, noise.to(unet.device), teacher_sigmas(den, steps, spacing=None), "ddim")
+    cond = {"class_labels": (torch.arange(n) % classes).to(unet.device)} if classes else {}
+    return sample_ode(den, noise.to(unet.device), teacher_sigmas(den, steps, spacing=None), "ddim", **cond)
 
 
 class TeacherTraining:
@@ -92,6 +95,11 @@ class TeacherTraining:
             dataset = make_dataset(dc.name, dc.root, uc.sample_size, uc.in_channels)
             check_fits(dataset, uc.sample_size, uc.in_channels, dc.name)
         self.dataset = dataset
+        self.num_classes = num_labels(dataset) if uc.num_class_embeds else None
+        if self.num_classes and self.num_classes + (tc.label_dropout > 0) > uc.num_class_embeds:
+            raise ConfigError(f"'unet.num_class_embeds' is {uc.num_class_embeds}: it must hold the data's "
+                              f"{self.num_classes} classes" + (" and the null class of label dropout"
+                                                               if tc.label_dropout > 0 else ""))
         unet = make_unet(uc).to(accelerator.device)
         self.scheduler = make_scheduler(recipe.scheduler)
         self.ema = make_eval_ema(unet, tc.ema_decay, 0, tc.ema_power).to(accelerator.device)
@@ -121,9 +129,19 @@ class TeacherTraining:
                                    pin_memory=acc.device.type == "cuda")
 
     def loss(self, step: int) -> torch.Tensor:
-        x0 = next(self.batches)[0].to(self.acc.device)
+        """DDPM Algorithm 1 on the next micro-batch; a class-conditional U-Net sees the labels, each replaced by the
+        null class (the last embedding) with probability ``train.label_dropout`` (classifier-free guidance
+        training, Ho & Salimans 2022)."""
+        batch = next(self.batches)
+        x0 = batch[0].to(self.acc.device)
         x0 = random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
-        return ddpm_loss(self.model, self.scheduler, x0)
+        cond = {}
+        if self.num_classes:
+            labels = batch[1]
+            drop = torch.rand(labels.shape[0]) < self.recipe.train.label_dropout
+            labels = torch.where(drop, self.recipe.unet.num_class_embeds - 1, labels)
+            cond = {"class_labels": labels.to(self.acc.device)}
+        return ddpm_loss(self.model, self.scheduler, x0, **cond)
 
     def after_update(self) -> None:
         self.ema.update()
@@ -135,7 +153,7 @@ class TeacherTraining:
         tc = self.recipe.train
         with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
             save_grid(sample_teacher_grid(self.ema.ema_model, self.scheduler, tc.num_sample_images, tc.sample_steps,
-                                          tc.seed), path)
+                                          tc.seed, self.num_classes), path)
 
 
 def export_pipeline(unet, sched, folder: Path) -> Path:
