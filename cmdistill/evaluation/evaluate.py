@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
-from ..core.tensors import image_shape
+from ..core.tensors import image_shape, num_class_embeds
 from .baselines import make_baselines
 from .features import FIDMeter, find_digits_classifier, load_classifier, real_vs_real
 from .generate import initial_noise, load_student, run_batches, student_fn, teacher_fn
@@ -174,6 +174,9 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     # the run's student/, or one line saying the run has none
     pipe = load_student(run_dir, device) if need_student or has_student else None
     teacher = load_teacher(teacher_path, recipe.teacher.kind).to(device)
+    if num_class_embeds(teacher.net) is not None:
+        raise EvalError("evaluating a class-conditional teacher and its student is not supported yet; sample it with "
+                        "`cmdistill sample --class-label K`")
     shape = image_shape(teacher.net)
     if pipe is not None and image_shape(pipe.unet) != shape:
         raise EvalError(f"student images {image_shape(pipe.unet)} do not match the teacher's {shape}")
