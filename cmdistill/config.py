@@ -52,6 +52,12 @@ class ScheduleConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    scale: float = 1.0                     # classifier-free guidance w of the teacher (1: the conditional teacher)
+    null_class: Optional[int] = None       # the teacher's null label; null: its last class embedding
+
+
+@dataclass
 class SolverConfig:
     name: str = "heun"                     # heun | euler | ddim
     substeps: int = 1                      # teacher sub-steps per pair
@@ -137,6 +143,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -243,7 +250,7 @@ UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay",
 POSITIVE_OR_NONE = {"unet.num_class_embeds", "train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
                     "student.sigma_max"}
-NON_NEGATIVE = {"train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
+NON_NEGATIVE = {"guidance.scale", "guidance.null_class", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
                 "student.ema_update_after_step", "student.ema_power", "train.ema_power"}
 
 
@@ -327,7 +334,7 @@ def validate(recipe):
             raise ConfigError(f"'{key}' must be a finite number, got {v!r}")
     for keys, ok, what in ((POSITIVE, lambda v: v > 0, "positive"),
                            (POSITIVE_OR_NONE, lambda v: v is None or v > 0, "positive (or null)"),
-                           (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (NON_NEGATIVE, lambda v: v is None or v >= 0, ">= 0"),
                            (UNIT_INTERVAL, lambda v: 0.0 <= v < 1.0, "in [0, 1)")):
         for key in sorted(keys & present.keys()):
             if not ok(present[key]):

@@ -44,3 +44,44 @@ def test_solvers_run_on_the_guided_teacher(teacher):
     with torch.no_grad():
         out = solve(g, x, torch.tensor([5.0, 5.0]), torch.tensor([4.0, 4.0]), "heun", class_labels=torch.tensor([1, 2]))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_guided_distillation_bakes_the_scale_into_the_student(tmp_path, monkeypatch):
+    """guidance.scale: the pairs come from the guided teacher, the student stores its scale, and the pipeline
+    refuses any other guidance_scale with one clear line."""
+    import cmdistill.training.distill as T
+    from cmdistill.export.pipeline import ConsistencyPipeline
+    from conftest import distill_digits, save_teacher
+
+    teacher_dir = save_teacher(tmp_path / "teacher", cond_unet(seed=4))
+    teachers = []
+    orig = T.cd_loss
+
+    def recording(student, target, teacher, *a, **k):
+        teachers.append((teacher, k.get("class_labels")))
+        return orig(student, target, teacher, *a, **k)
+
+    monkeypatch.setattr(T, "cd_loss", recording)
+    run = distill_digits(tmp_path / "run", [f"teacher.path={teacher_dir}", "guidance.scale=3", "train.max_steps=2",
+                                            "train.batch_size=8", "loss.distance=l2", "train.num_sample_images=4",
+                                            "eval.at_end=false", "eval.curve=false", "student.sigma_max=null"])
+    assert all(isinstance(t, GuidedDenoiser) and t.guidance_scale == 3.0 and t.null_class == 10 and y is not None
+               for t, y in teachers) and len(teachers) == 2
+    pipe = ConsistencyPipeline.from_pretrained(run / "student")
+    assert pipe.consistency_function.guidance_scale == 3.0
+    out = pipe(batch_size=2, class_labels=[1, 2], guidance_scale=3.0, output_type="latent").images
+    assert out.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="distilled at guidance scale 3; it cannot sample at guidance_scale=5"):
+        pipe(batch_size=2, class_labels=[1, 2], guidance_scale=5.0)
+
+
+def test_guidance_needs_a_conditional_teacher(tiny_teacher_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cmdistill.cli import main
+    from conftest import REPO
+
+    res = CliRunner().invoke(main, ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(tmp_path / "run"), "--set",
+                                    f"teacher.path={tiny_teacher_dir}", "--set", "guidance.scale=2"])
+    assert res.exit_code == 2 and "is not class-conditional" in res.stderr
+    assert not (tmp_path / "run").exists()

@@ -60,6 +60,7 @@ class ConsistencyFunction(nn.Module):
                              f"({self.sigma_min:.4g}, {denoiser.sigma_max:.4g}]")
         self.sigma_data = float(sigma_data)
         self.prior_mean: torch.Tensor | None = None  # [C, H, W] mean of the 1-step start; None: 0 (CM)
+        self.guidance_scale: float | None = None  # the teacher's classifier-free guidance w distilled into f
 
     def scalings(self, sigma: torch.Tensor):
         return BOUNDARIES[self.boundary](sigma, self.sigma_min, self.sigma_data, self.boundary_scale)
@@ -77,6 +78,8 @@ class ConsistencyFunction(nn.Module):
     def consistency_config(self) -> dict:
         cfg = {"boundary": self.boundary, "boundary_scale": self.boundary_scale, "sigma_min": self.sigma_min,
                "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        if self.guidance_scale is not None:
+            cfg["guidance_scale"] = self.guidance_scale
         if self.prior_mean is not None:  # JSON-friendly: nested [C][H][W] list, 6 significant digits
             cfg["prior_mean"] = [[[float(f"{v:.6g}") for v in row] for row in ch]
                                  for ch in self.prior_mean.detach().float().cpu().tolist()]

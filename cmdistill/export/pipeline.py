@@ -116,6 +116,7 @@ class ConsistencyPipeline(DiffusionPipeline):
                                      boundary_scale=cc.get("boundary_scale", 10.0))
             if "sigma_max" in cc:
                 fn.sigma_max = float(cc["sigma_max"])
+            fn.guidance_scale = cc.get("guidance_scale")
             if cc.get("prior_mean") is not None:
                 fn.prior_mean = torch.tensor(cc["prior_mean"], dtype=torch.float32)
             self._fn_cache = (id(self.unet), fn)
@@ -194,7 +195,8 @@ class ConsistencyPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 1, sigmas: Optional[Sequence[float]] = None,
                  generator: Generator = None, latents: Optional[torch.Tensor] = None, output_type: str = "pil",
                  return_dict: bool = True, clip_denoised: bool = False,
-                 class_labels: Union[int, Sequence[int], torch.Tensor, None] = None):
+                 class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
+                 guidance_scale: Optional[float] = None):
         """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations (CM Algorithm 1).
 
         ``sigmas`` (descending, ``sigmas[0]`` usually ``sigma_max``) overrides the stored schedule and sets the
@@ -206,13 +208,18 @@ class ConsistencyPipeline(DiffusionPipeline):
         do; off by default, since it made the digits student's 2-4-step FIDs worse
         (:func:`~cmdistill.core.sampling.sample_consistency`). ``class_labels``: for a class-conditional student,
         one int for the whole batch, or one label per image (a list or a tensor), as diffusers' ``DiTPipeline``;
-        ``None`` for an unconditional student.
+        ``None`` for an unconditional student. ``guidance_scale``: a student distilled from a guided teacher has its
+        teacher's classifier-free guidance scale built in; any other value is refused (``None``: the built-in one).
         """
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         fn = self.consistency_function
+        if guidance_scale is not None and guidance_scale != (fn.guidance_scale or 1.0):
+            built_in = (f"was distilled at guidance scale {fn.guidance_scale:g}" if fn.guidance_scale is not None
+                        else "has no guidance built in")
+            raise ValueError(f"this student {built_in}; it cannot sample at guidance_scale={guidance_scale:g}")
         sigmas = self.check_sigmas(sigmas if sigmas is not None else self.sigmas_for(num_inference_steps))
         device = self._execution_device
         if latents is None:

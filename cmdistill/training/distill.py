@@ -81,6 +81,24 @@ def build_pairs(recipe: Recipe, teacher, student) -> PairSchedule:
     return pairs
 
 
+def guided_teacher(recipe: Recipe, teacher):
+    """The teacher with classifier-free guidance at ``guidance.scale`` (LCM's guided distillation), or the teacher
+    itself at scale 1. The student then has that scale built in (``ConsistencyFunction.guidance_scale``)."""
+    from ..core.guidance import GuidedDenoiser
+
+    gc = recipe.guidance
+    if gc.scale == 1.0:
+        return teacher
+    n = num_class_embeds(teacher.net)
+    if n is None:
+        raise ConfigError(f"'guidance.scale' is {gc.scale:g} but the teacher {recipe.teacher.path!r} is not "
+                          "class-conditional; set guidance.scale to 1")
+    null = n - 1 if gc.null_class is None else gc.null_class
+    if not 0 <= null < n:
+        raise ConfigError(f"'guidance.null_class' must lie in [0, {n - 1}], got {null}")
+    return GuidedDenoiser(teacher, null, gc.scale)
+
+
 class Distillation:
     """CM Algorithm 2 for :func:`cmdistill.training.loop.train`. ``dataset`` replaces the recipe's data (the step
     benchmark feeds random images through the very same step)."""
@@ -112,6 +130,10 @@ class Distillation:
                                         generator=torch.Generator().manual_seed(tc.seed)).to(device)
         self.batches = None
         self.conditional = num_class_embeds(self.teacher.net) is not None
+        self.pair_teacher = guided_teacher(recipe, self.teacher)  # the teacher the ODE pairs come from
+        if self.pair_teacher is not self.teacher:
+            for fn in (self.student, self.target, self.ema.ema_model):
+                fn.guidance_scale = recipe.guidance.scale
         if self.conditional and num_labels(self.dataset) > num_class_embeds(self.teacher.net):
             raise DataError(f"dataset {recipe.data.name!r} has {num_labels(self.dataset)} classes but the teacher "
                             f"embeds {num_class_embeds(self.teacher.net)}")
@@ -137,7 +159,8 @@ class Distillation:
                 f"data: {r.data.name}, {len(self.dataset)} images of {c}x{h}x{w}" + (", hflip" if r.data.hflip else ""),
                 f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, prior "
                 f"{r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} points, {r.solver.name} "
-                f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"]
+                f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"
+                + (f"; class-conditional, guidance scale {r.guidance.scale:g}" if self.conditional else "")]
 
     def next_batch(self) -> tuple[torch.Tensor, dict]:
         """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``, and its conditioning: the class labels
@@ -154,8 +177,8 @@ class Distillation:
         and target outputs, weighted distance; the batch's class labels reach all three networks."""
         x0, cond = self.next_batch()
         sigma_hi, sigma_lo = (to_device(t, self.acc.device) for t in self.pairs.sample(x0.shape[0], step))
-        return cd_loss(self.model, self.target, self.teacher, x0, sigma_hi, sigma_lo, self.distance, self.weighting,
-                       self.recipe.solver.name, self.recipe.solver.substeps, **cond).loss
+        return cd_loss(self.model, self.target, self.pair_teacher, x0, sigma_hi, sigma_lo, self.distance,
+                       self.weighting, self.recipe.solver.name, self.recipe.solver.substeps, **cond).loss
 
     def after_update(self) -> None:
         update_target(self.target, self.student, self.recipe.student.target_decay)
