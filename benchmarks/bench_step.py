@@ -107,7 +107,7 @@ def run(args, recipe, device) -> dict:
     from cmdistill.core.tensors import append_dims, image_shape, skip_sync_checks
     from cmdistill.teachers import load_teacher
     from cmdistill.training.distill import Distillation
-    from cmdistill.training.loop import NonFiniteGuard, optimizer_step
+    from cmdistill.training.loop import NonFiniteGuard, optimizer_step, start_data
     from cmdistill.training.optim import grad_norm as clip_and_norm
 
     tc, lc = recipe.train, recipe.loss
@@ -119,7 +119,7 @@ def run(args, recipe, device) -> dict:
     # random images stand in for the recipe's data: the task is otherwise built exactly as `cmdistill distill` does
     data = TensorDataset(torch.rand(4 * B, ch, res_, res_, generator=gen) * 2 - 1)
     task = Distillation(recipe, acc, dataset=data)
-    task.start(0)
+    start_data(task, recipe, acc, 0)
     teacher, student, target, ema = task.teacher, task.student, task.target, task.ema
     student_train, opt, lr_sched = task.model, task.optimizer, task.lr_scheduler
     distance, weighting, pairs = task.distance, task.weighting, task.pairs
@@ -137,7 +137,7 @@ def run(args, recipe, device) -> dict:
     def step():
         nonlocal loss_sum
         if state["step"] and state["step"] % (len(data) // B) == 0:
-            task.start(state["step"])  # the data stream is infinite; restart it cheaply on the stand-in data
+            start_data(task, recipe, acc, state["step"])  # the data stream is infinite; restart it cheaply on the stand-in data
         step_loss, _ = optimizer_step(acc, task, state["step"], 1, clip, guard, check_grads)
         loss_sum += step_loss
         state["step"] += 1

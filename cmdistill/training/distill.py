@@ -23,7 +23,7 @@ from ..core.losses import get_weighting, make_distance
 from ..core.sampling import sample_consistency
 from ..core.schedules import PairSchedule
 from ..core.tensors import DTYPES, image_shape, num_class_embeds, to_device
-from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip, step_loader
+from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip
 from ..images import save_grid
 from ..teachers import load_teacher
 from .ema import make_eval_ema
@@ -134,19 +134,13 @@ class Distillation:
         if self.pair_teacher is not self.teacher:
             for fn in (self.student, self.target, self.ema.ema_model):
                 fn.guidance_scale = recipe.guidance.scale
-        if self.conditional and num_labels(self.dataset) > num_class_embeds(self.teacher.net):
-            raise DataError(f"dataset {recipe.data.name!r} has {num_labels(self.dataset)} classes but the teacher "
-                            f"embeds {num_class_embeds(self.teacher.net)}")
-        # sample grids of a conditional student: one class per column, cycling through the data's classes
-        self.sample_cond = ({"class_labels": (torch.arange(tc.num_sample_images) % num_labels(self.dataset))
-                             .to(device)} if self.conditional else {})
-
-    def start(self, step: int) -> None:
-        """The data stream from optimiser step ``step`` on: batch positions are a pure function of the step."""
-        tc, acc = self.recipe.train, self.acc
-        self.batches = step_loader(self.dataset, tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
-                                   acc.process_index, acc.num_processes, self.recipe.data.num_workers,
-                                   pin_memory=acc.device.type == "cuda")
+        self.sample_cond = {}
+        if self.conditional:
+            classes, embeds = num_labels(self.dataset), num_class_embeds(self.teacher.net)
+            if classes > embeds:
+                raise DataError(f"dataset {recipe.data.name!r} has {classes} classes but the teacher embeds {embeds}")
+            # sample grids of a conditional student: one class per column, cycling through the data's classes
+            self.sample_cond = {"class_labels": (torch.arange(tc.num_sample_images) % classes).to(device)}
 
     def describe(self) -> list[str]:
         """The run's header: teacher, data, student range and loss."""

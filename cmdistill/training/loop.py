@@ -69,7 +69,8 @@ class Task(Protocol):
     modules: dict[str, nn.Module]            # other networks saved in every checkpoint (target, EMA)
     generators: dict[str, torch.Generator]   # the task's own RNGs, saved in every checkpoint
 
-    def start(self, step: int) -> None: ...              # position the data stream at optimiser step ``step``
+    dataset: "torch.utils.data.Dataset"      # the training images (and labels); streamed by :func:`start_data`
+    batches: object                          # the iterator :func:`start_data` sets, read by ``loss``
     def loss(self, step: int) -> torch.Tensor: ...       # one micro-batch's loss (under autocast and accumulate)
     def after_update(self) -> None: ...                  # after a real optimiser step: target and EMA updates
     def finite_modules(self) -> tuple[nn.Module, ...]: ...  # checked before a checkpoint is written
@@ -318,6 +319,17 @@ def peak_memory_summary(device: torch.device | None = None) -> str:
     return out
 
 
+def start_data(task: Task, recipe, accelerator, step: int) -> None:
+    """Set ``task.batches``: the data stream from optimiser step ``step`` on, this process's share of each global
+    micro-batch (batch positions are a pure function of the step, so a resumed run sees the same data)."""
+    from ..data import step_loader
+
+    tc = recipe.train
+    task.batches = step_loader(task.dataset, tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
+                               accelerator.process_index, accelerator.num_processes, recipe.data.num_workers,
+                               pin_memory=accelerator.device.type == "cuda")
+
+
 # --------------------------------------------------------------------------- one optimiser step
 
 
@@ -397,7 +409,7 @@ def train(recipe, task_cls, export: Callable[[Task, Path], Path], resume: str | 
         if changes and accelerator.is_main_process:
             print(f"cmdistill: warning: resuming with a recipe that differs from the checkpoint's "
                   f"(the run will not match an uninterrupted one): {'; '.join(changes)}", file=sys.stderr)
-    task.start(state.step)
+    start_data(task, recipe, accelerator, state.step)
     if accelerator.is_main_process:
         where = f"{accelerator.num_processes} process(es) on {accelerator.device}" + (
             f", {threads} CPU threads each" if threads else "")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, NoiseConfig, TeacherRecipe, UNetConfig
-from ..data import check_fits, make_dataset, num_labels, random_hflip, step_loader
+from ..data import check_fits, make_dataset, num_labels, random_hflip
 from ..images import save_grid
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
@@ -120,13 +120,6 @@ class TeacherTraining:
                 f"noise: DDPM {sc.num_train_timesteps} steps, {sc.beta_schedule} betas, predicts {sc.prediction_type}",
                 f"data: {r.data.name}, {len(self.dataset)} images" + (", hflip" if r.data.hflip else ""),
                 f"export: {r.train.export_dir or Path(r.train.output_dir) / 'pipeline'}"]
-
-    def start(self, step: int) -> None:
-        """The data stream from optimiser step ``step`` on (batch positions are a pure function of the step)."""
-        tc, acc = self.recipe.train, self.acc
-        self.batches = step_loader(self.dataset, tc.batch_size // tc.grad_accum, tc.seed, step * tc.grad_accum,
-                                   acc.process_index, acc.num_processes, self.recipe.data.num_workers,
-                                   pin_memory=acc.device.type == "cuda")
 
     def loss(self, step: int) -> torch.Tensor:
         """DDPM Algorithm 1 on the next micro-batch; a class-conditional U-Net sees the labels, each replaced by the
