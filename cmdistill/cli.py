@@ -179,6 +179,12 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
                 "k-step sampler at t = T-1.")
 
 
+def label_tag(class_label, guidance_scale) -> str:
+    """The part of a sample folder's name that says which class and guidance scale it holds."""
+    return ((f"-class{class_label}" if class_label is not None else "")
+            + (f"-w{guidance_scale:g}" if guidance_scale is not None else ""))
+
+
 @main.command()
 @click.option("--student", type=click.Path(file_okay=False), default=None, show_default=True,
               help="Saved ConsistencyPipeline folder or run folder (default: the newest */student under ./runs).")
@@ -194,7 +200,10 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
               help="Student noise levels, descending (sets --steps; default: the student's stored ones).")
 @click.option("--num", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
 @click.option("--class-label", type=click.IntRange(min=0), default=None, show_default=True,
-              help="Class of every image, for a class-conditional student (diffusers' class_labels).")
+              help="Class of every image, for a class-conditional student or teacher (diffusers' class_labels).")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, metavar="W", show_default=True,
+              help="Classifier-free guidance scale w: any w of a student distilled for a range of w (default: its "
+                   "own); a teacher is sampled with CFG at w (default 1: the conditional teacher).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, show_default=True,
               help="Output folder (default: <run>/generated/<tag>, or runs/generated/<tag> for a teacher).")
@@ -202,7 +211,8 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
               help="Images per network call.")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @friendly_errors
-def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, seed, out, batch_size, device):
+def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, guidance_scale, seed, out, batch_size,
+           device):
     """Sample the newest distilled student (CM Algorithm 1) or a teacher; write PNGs, grid.png, samples.npz."""
     from pathlib import Path
 
@@ -213,13 +223,15 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
     if teacher is not None:
         from .teachers import load_teacher
 
-        if sig is not None or class_label is not None:
-            raise G.SampleError("--sigmas and --class-label apply to the student")
+        if sig is not None:
+            raise G.SampleError("--sigmas applies to the student")
         steps = steps or 50
         den = load_teacher(teacher).to(device)
-        x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing)
-        tag, meta = f"teacher-{sampler}{steps}-seed{seed}", {"teacher": teacher, "sampler": sampler,
-                                                              "spacing": spacing}
+        x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing, class_label=class_label,
+                             guidance_scale=guidance_scale)
+        tag = f"teacher-{sampler}{steps}-seed{seed}" + label_tag(class_label, guidance_scale)
+        meta = {"teacher": teacher, "sampler": sampler, "spacing": spacing, "class_label": class_label,
+                "guidance_scale": guidance_scale}
         base = Path("runs") / "generated"
     else:
         if student is None:
@@ -229,12 +241,13 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
             raise G.SampleError(f"--steps {steps} does not match the {len(sig)} values of --sigmas")
         pipe = G.load_student(student, device)
         try:
-            x, sig = G.sample_student(pipe, num, steps or 1, sig, seed, batch_size, class_label=class_label)
+            x, sig = G.sample_student(pipe, num, steps or 1, sig, seed, batch_size, class_label=class_label,
+                                      guidance_scale=guidance_scale)
         except ValueError as e:
             raise G.SampleError(str(e)) from e
         steps = len(sig)
-        tag = f"student-{steps}step-seed{seed}" + (f"-class{class_label}" if class_label is not None else "")
-        meta = {"student": str(student), "sigmas": sig, "class_label": class_label}
+        tag = f"student-{steps}step-seed{seed}" + label_tag(class_label, guidance_scale)
+        meta = {"student": str(student), "sigmas": sig, "class_label": class_label, "guidance_scale": guidance_scale}
         folder = Path(student)
         base = (folder if (folder / "recipe.yaml").is_file() else folder.parent) / "generated"
     meta.update(steps=steps, seed=seed, num=num)
@@ -277,12 +290,15 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
 @click.option("--checkpoints", default=None, metavar="all|STEP,…", show_default=True,
               help="Instead: score the evaluation-EMA weights of these saved checkpoints (read only) and write "
                    "curve.json and curve.png.")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, metavar="W", show_default=True,
+              help="Class-conditional run: evaluate teacher and student at this classifier-free guidance scale "
+                   "(default: the student's own w; an explicit W writes report-wW.json/.md, side_by_side-wW.png).")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when its weights are cached.")
 @friendly_errors
 def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, teacher_steps, teacher_spacing,
              max_steps, search_sigmas, store, search_num, search_candidates, seed, seeds, baseline_nfe, checkpoints,
-             device, no_lpips):
+             guidance_scale, device, no_lpips):
     """Measure a run: the student at 1…K steps against the teacher's DDIM-k and 50-step samplers and the
     training-free baselines (DPM-Solver++ 2M, UniPC, Heun-Karras): FID, precision, recall, paired distances to the
     teacher from the same noise, images/s, headline speed-ups. Writes report.json, report.md and side_by_side.png
@@ -310,11 +326,13 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
         from .evaluation.curve import evaluate_checkpoints
 
         evaluate_checkpoints(Path(run_dir), checkpoints, num, batch_size, feature_net, seed, device,
-                             echo=click.echo)
+                             echo=click.echo, guidance_scale=guidance_scale)
         return
+    if store and guidance_scale is not None:
+        raise EvalError("--store writes sigmas searched at the student's own guidance scale; drop --guidance-scale")
     run(Path(run_dir), num, batch_size, max_steps, teacher_steps, teacher_sampler, teacher_spacing, feature_net,
         teacher, search_sigmas, search_num, search_candidates, seed, device, not no_lpips, echo=click.echo,
-        store_sigmas=store, seeds=seeds, baseline_nfe=nfe)
+        store_sigmas=store, seeds=seeds, baseline_nfe=nfe, guidance_scale=guidance_scale)
 
 
 @main.command("train-classifier")

@@ -53,8 +53,11 @@ class ScheduleConfig:
 
 @dataclass
 class GuidanceConfig:
-    scale: float = 1.0                     # classifier-free guidance w of the teacher (1: the conditional teacher)
+    scale: float = 1.0                     # classifier-free guidance w of the teacher (1: the conditional teacher);
+                                           # with w_min/w_max: the student's default w
     null_class: Optional[int] = None       # the teacher's null label; null: its last class embedding
+    w_min: Optional[float] = None          # both set: w drawn per sample from [w_min, w_max] and given to the
+    w_max: Optional[float] = None          # student through a guidance embedding (LCM); null: w fixed at scale
 
 
 @dataclass
@@ -250,7 +253,7 @@ UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay",
 POSITIVE_OR_NONE = {"unet.num_class_embeds", "train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
                     "student.sigma_max"}
-NON_NEGATIVE = {"guidance.scale", "guidance.null_class", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
+NON_NEGATIVE = {"guidance.scale", "guidance.null_class", "guidance.w_min", "guidance.w_max", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
                 "student.ema_update_after_step", "student.ema_power", "train.ema_power"}
 
 
@@ -366,6 +369,14 @@ def _check_distill(recipe: Recipe) -> None:
         raise ConfigError("'schedule.num_scales' and 'schedule.num_scales_start' must be at least 2 (grid points)")
     if recipe.student.sigma_max is not None and sch.grid != "karras":
         raise ConfigError("'student.sigma_max' caps the Karras grid; it needs 'schedule.grid: karras'")
+    gc = recipe.guidance
+    if (gc.w_min is None) != (gc.w_max is None):
+        raise ConfigError("'guidance.w_min' and 'guidance.w_max' go together: set both (a range of w) or neither")
+    if gc.w_min is not None and not gc.w_min < gc.w_max:
+        raise ConfigError(f"'guidance.w_min' ({gc.w_min:g}) must be below 'guidance.w_max' ({gc.w_max:g})")
+    if gc.w_min is not None and not gc.w_min <= gc.scale <= gc.w_max:
+        raise ConfigError(f"'guidance.scale' ({gc.scale:g}), the student's default w, must lie in "
+                          f"[w_min, w_max] = [{gc.w_min:g}, {gc.w_max:g}]")
 
 
 def _check_unet(u: UNetConfig) -> None:

@@ -1,5 +1,5 @@
 """Issue 14, first part: class labels travel through the whole engine (data, teacher, student, target, pipeline,
-`cmdistill sample --class-label`); unconditional teachers work unchanged. Guidance is not here yet."""
+`cmdistill sample --class-label`); unconditional teachers work unchanged. Guidance: test_guidance.py."""
 from __future__ import annotations
 
 import pytest
@@ -99,8 +99,8 @@ def test_conditional_distill_and_pipeline_round_trip(cond_teacher_dir, tmp_path)
     assert (tmp_path / "threes" / "grid.png").is_file()
     res = CliRunner().invoke(main, ["sample", "--student", str(run / "student"), "--num", "4"])
     assert res.exit_code == 2 and "pass class_labels" in res.stderr
-    res = CliRunner().invoke(main, ["evaluate", str(run), "--num", "4"])
-    assert res.exit_code == 2 and "class-conditional" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["evaluate", str(run), "--num", "4", "--guidance-scale", "2"])
+    assert res.exit_code == 2 and "has no guidance built in" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_unconditional_student_refuses_labels(tiny_run_dir):

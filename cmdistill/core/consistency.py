@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .guidance import added_to_time_embedding
 from .sampling import start_sample
 from .tensors import append_dims, as_sigma, promote
 
@@ -61,15 +62,30 @@ class ConsistencyFunction(nn.Module):
         self.sigma_data = float(sigma_data)
         self.prior_mean: torch.Tensor | None = None  # [C, H, W] mean of the 1-step start; None: 0 (CM)
         self.guidance_scale: float | None = None  # the teacher's classifier-free guidance w distilled into f
+        # a student for a range of w: GuidanceEmbedding of w added to the time embedding; guidance_scale: its default
+        self.guidance_embedding: nn.Module | None = None
+        self.guidance_range: tuple[float, float] | None = None
 
     def scalings(self, sigma: torch.Tensor):
         return BOUNDARIES[self.boundary](sigma, self.sigma_min, self.sigma_data, self.boundary_scale)
 
-    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, guidance_scale=None, **cond) -> torch.Tensor:
         x = promote(x)
         sigma = as_sigma(sigma, x)
         c_skip, c_out = (append_dims(c, x.ndim) for c in self.scalings(sigma))
-        return c_skip * x + c_out * self.denoiser(x, sigma, **cond)
+        return c_skip * x + c_out * self.denoise(x, sigma, guidance_scale, **cond)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, guidance_scale=None, **cond) -> torch.Tensor:
+        """``F(x, sigma)``; for a student with a guidance embedding, at scale ``guidance_scale`` (a float or one per
+        sample; ``None``: its default ``self.guidance_scale``), added to the network's time embedding."""
+        if self.guidance_embedding is None:
+            if guidance_scale is not None:
+                raise ValueError("this consistency function has no guidance embedding: call it without guidance_scale")
+            return self.denoiser(x, sigma, **cond)
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        w = torch.as_tensor(w, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        with added_to_time_embedding(self.denoiser.net, self.guidance_embedding(w)):
+            return self.denoiser(x, sigma, **cond)
 
     def start(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
         """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + sigma z`` (:func:`start_sample`)."""
@@ -80,6 +96,8 @@ class ConsistencyFunction(nn.Module):
                "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
         if self.guidance_scale is not None:
             cfg["guidance_scale"] = self.guidance_scale
+        if self.guidance_range is not None:
+            cfg["guidance_range"] = [float(w) for w in self.guidance_range]
         if self.prior_mean is not None:  # JSON-friendly: nested [C][H][W] list, 6 significant digits
             cfg["prior_mean"] = [[[float(f"{v:.6g}") for v in row] for row in ch]
                                  for ch in self.prior_mean.detach().float().cpu().tolist()]

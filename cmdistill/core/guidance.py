@@ -8,20 +8,30 @@ teacher's class embedding (the label the teacher saw when its label was dropped 
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from .tensors import append_dims, as_sigma, promote
+from .tensors import append_dims, as_sigma, num_class_embeds, promote
 
 
 class GuidedDenoiser(nn.Module):
-    """A class-conditional denoiser with classifier-free guidance at scale ``w`` (a float, or one per sample)."""
+    """A class-conditional denoiser with classifier-free guidance at scale ``w`` (a float, or one per sample).
+
+    It also guides the raw network output (:meth:`run_net`), which is what diffusers' scheduler loops call: the
+    output is affine in ``D`` with the same coefficients for both halves, so guiding it is guiding ``D``."""
 
     def __init__(self, denoiser: nn.Module, null_class: int, guidance_scale: float = 1.0):
         super().__init__()
         self.denoiser, self.null_class, self.guidance_scale = denoiser, int(null_class), float(guidance_scale)
+        self.net = denoiser.net  # shared, not copied: what image_shape and the samplers read
         self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
         self.sigma_data = getattr(denoiser, "sigma_data", 0.5)
+        for name in ("kind", "prediction_type", "scheduler_config", "sigma_table"):
+            if hasattr(denoiser, name):
+                setattr(self, name, getattr(denoiser, name))
 
     def check_range(self, sigma: torch.Tensor) -> None:
         self.denoiser.check_range(sigma)
@@ -29,13 +39,95 @@ class GuidedDenoiser(nn.Module):
     def prior_std(self, sigma: float) -> float:
         return self.denoiser.prior_std(sigma) if hasattr(self.denoiser, "prior_std") else float(sigma)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor, guidance_scale=None) -> torch.Tensor:
-        x = promote(x)
-        sigma = as_sigma(sigma, x)
+    def _guide(self, call, x: torch.Tensor, extra: torch.Tensor, class_labels, guidance_scale) -> torch.Tensor:
+        """``call(x2, extra2, labels2)`` once on the conditional and null halves, combined at scale ``w``."""
         labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(x.shape[0])
         null = torch.full_like(labels, self.null_class)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([labels, null]))
-        d_cond, d_uncond = both.chunk(2)
+        out_cond, out_null = call(torch.cat([x, x]), torch.cat([extra, extra]), torch.cat([labels, null])).chunk(2)
         w = torch.as_tensor(self.guidance_scale if guidance_scale is None else guidance_scale, device=x.device,
-                            dtype=x.dtype).reshape(-1).expand(x.shape[0])
-        return d_uncond + append_dims(w, x.ndim) * (d_cond - d_uncond)
+                            dtype=out_cond.dtype).reshape(-1).expand(x.shape[0])
+        return out_null + append_dims(w, x.ndim) * (out_cond - out_null)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor, guidance_scale=None) -> torch.Tensor:
+        x = promote(x)
+        return self._guide(lambda x2, s2, y2: self.denoiser(x2, s2, class_labels=y2), x, as_sigma(sigma, x),
+                           class_labels, guidance_scale)
+
+    def run_net(self, x_in: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor,
+                guidance_scale=None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_in.device).reshape(-1).expand(x_in.shape[0])
+        return self._guide(lambda x2, t2, y2: self.denoiser.run_net(x2, t2, class_labels=y2), x_in, t,
+                           class_labels, guidance_scale)
+
+
+def scale_features(w: torch.Tensor, num_features: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features ``[cos(1000 w f_i), sin(1000 w f_i)]`` of the guidance scale, ``f_i`` geometric from 1 to
+    ``1 / max_period`` (the transformer / DDPM timestep embedding applied to ``1000 w``, as LCM embeds its
+    ``w``: Luo et al. 2023, Sec. 4.2)."""
+    half = num_features // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=w.device, dtype=torch.float32) / half)
+    args = 1000.0 * w.float().reshape(-1, 1) * freqs
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class GuidanceEmbedding(nn.Module):
+    """The guidance scale ``w`` as a vector added to the U-Net's time embedding (LCM's ``w``-conditioning, Luo et
+    al. 2023, Sec. 4.2; sCM's guidance embedding), for a student that samples at any ``w`` of its range.
+
+    ``w -> Linear(num_features, dim) -> SiLU -> Linear(dim, dim)`` on :func:`scale_features`. The last layer starts at
+    zero, so a new embedding adds nothing and the student still starts as the teacher (the ControlNet "zero
+    convolution" start); training then moves it. diffusers' ``UNet2DModel`` has no ``time_cond_proj_dim``, so the
+    vector enters through a forward hook on ``net.time_embedding`` (:func:`added_to_time_embedding`)."""
+
+    def __init__(self, embedding_dim: int, num_features: int = 64):
+        super().__init__()
+        self.num_features = int(num_features)
+        self.mlp = nn.Sequential(nn.Linear(self.num_features, embedding_dim), nn.SiLU(),
+                                 nn.Linear(embedding_dim, embedding_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @classmethod
+    def for_net(cls, net: nn.Module, num_features: int = 64) -> "GuidanceEmbedding":
+        """A zero-started embedding that fits ``net``'s time embedding (a diffusers U-Net's ``time_embedding``)."""
+        dim = time_embedding_dim(net)
+        first = next(net.parameters())
+        return cls(dim, num_features).to(first.device)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        p = self.mlp[0].weight
+        return self.mlp(scale_features(w, self.num_features).to(p.device, p.dtype))
+
+
+def time_embedding_dim(net: nn.Module) -> int:
+    """Width of a diffusers U-Net's time embedding (the output of ``net.time_embedding``)."""
+    emb = getattr(net, "time_embedding", None)
+    last = getattr(emb, "linear_2", None)
+    if not isinstance(last, nn.Linear):
+        raise ValueError(f"a guidance embedding needs a diffusers U-Net with a time_embedding; got "
+                         f"{type(net).__name__}")
+    return last.out_features
+
+
+@contextmanager
+def added_to_time_embedding(net: nn.Module, extra: torch.Tensor):
+    """Within the block, ``net.time_embedding(t)`` returns ``time_embedding(t) + extra`` (``extra``: ``[B, dim]``)."""
+    handle = net.time_embedding.register_forward_hook(lambda module, args, out: out + extra.to(out.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def guide(teacher: nn.Module, guidance_scale: float | None, null_class: int | None = None) -> nn.Module:
+    """The class-conditional ``teacher`` at classifier-free guidance scale ``guidance_scale`` (``None`` or 1: the
+    conditional teacher itself, one network call a step); ``null_class`` defaults to its last class embedding."""
+    n = num_class_embeds(teacher.net)
+    if n is None:
+        raise ValueError("classifier-free guidance needs a class-conditional teacher (a U-Net with num_class_embeds)")
+    if guidance_scale is None or float(guidance_scale) == 1.0:
+        return teacher
+    null = n - 1 if null_class is None else int(null_class)
+    if not 0 <= null < n:
+        raise ValueError(f"the null class must lie in [0, {n - 1}], got {null}")
+    return GuidedDenoiser(teacher, null, float(guidance_scale))

@@ -2,7 +2,9 @@
 
 Registry :data:`BASELINES`, keyed by the names ``eval.baselines`` takes; each entry turns a teacher denoiser and a
 budget of network evaluations (NFE) into a sampler ``(z, generator) -> x0`` from the evaluation's unit noise ``z``
-(the same ``z`` as every other sampler, so samples pair up), or ``None`` where it does not apply:
+(the same ``z`` as every other sampler, so samples pair up; a class-conditional teacher also takes
+``class_labels``, and a :class:`~cmdistill.core.guidance.GuidedDenoiser` guides them), or ``None`` where it does
+not apply:
 
 * ``dpm++2m``: diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``, ``solver_order=2``
   (Lu et al. 2022, "DPM-Solver++", the 2M multistep solver), driven by diffusers' own scheduler loop;
@@ -38,11 +40,11 @@ def diffusers_loop(teacher, scheduler_cls_name: str, nfe: int, spacing: str = DE
     sched = getattr(diffusers, scheduler_cls_name).from_config(cfg)
 
     @torch.no_grad()
-    def sample(z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(z: torch.Tensor, generator: torch.Generator, **cond) -> torch.Tensor:
         sched.set_timesteps(nfe, device=z.device)
         x = z.float() * sched.init_noise_sigma
         for t in sched.timesteps:
-            out = teacher.run_net(sched.scale_model_input(x, t), t.reshape(1).expand(x.shape[0]))
+            out = teacher.run_net(sched.scale_model_input(x, t), t.reshape(1).expand(x.shape[0]), **cond)
             x = sched.step(out, t, x).prev_sample
         return x
 
@@ -72,7 +74,7 @@ def heun_karras(teacher, nfe: int, spacing: str = DEFAULT_TEACHER_SPACING) -> Sa
         sigmas = torch.tensor([teacher.sigma_max, 0.0])
     else:
         sigmas = append_zero(karras_grid(s, teacher.sigma_min, teacher.sigma_max))
-    return lambda z, g: sample_ode(teacher, z, sigmas, "heun")
+    return lambda z, g, **cond: sample_ode(teacher, z, sigmas, "heun", **cond)
 
 
 # name -> (builder, evaluations actually used for a budget of n)

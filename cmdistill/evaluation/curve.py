@@ -55,12 +55,15 @@ def load_ema_student(run, ckpt: Path, template):
 
 
 def student_template(run):
-    """A consistency function of the run's architecture and boundary, with the run's 1-step prior mean."""
+    """A consistency function of the run's architecture, boundary and guidance, with the run's 1-step prior mean."""
     from ..data import make_dataset, prior_mean
+    from ..training.distill import attach_guidance
 
     r = run.recipe
     sc = r.student
-    fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max).eval()
+    fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max)
+    attach_guidance(fn, r)
+    fn.eval()
     ds = make_dataset(r.data.name, r.data.root, r.data.resolution or run.shape[1], run.shape[0])
     mean = prior_mean(sc.prior, ds, r.data.hflip)
     fn.prior_mean = None if mean is None else mean.to(run.device)
@@ -86,14 +89,16 @@ def reference_lines(run_dir: Path) -> dict:
 
 def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: int | None = None,
                          batch_size: int | None = None, feature_net=None, seed: int = 0, device=None,
-                         steps=(1, 2, 4), echo: Callable[[str], None] = print) -> dict:
-    """Score the chosen checkpoints of ``run_dir``; write ``curve.json`` and ``curve.png``; return the curve."""
+                         steps=(1, 2, 4), echo: Callable[[str], None] = print,
+                         guidance_scale: float | None = None) -> dict:
+    """Score the chosen checkpoints of ``run_dir``; write ``curve.json`` and ``curve.png``; return the curve. A
+    class-conditional run is scored over its classes in turn at ``guidance_scale`` (default: its own)."""
     from .evaluate import load_run_without_student
 
     run_dir = Path(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpts = select_checkpoints(run_dir, which)
-    run = load_run_without_student(run_dir, device)
+    run = load_run_without_student(run_dir, device, guidance_scale)
     ec = run.recipe.eval
     num, batch_size = num_samples or ec.num_samples, batch_size or ec.batch_size
     feature_net = ec.feature_net if feature_net is None else feature_net
@@ -110,8 +115,9 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
         row = {"step": int(ckpt.name.split("_")[1])}
         for k in steps:
             z, _ = initial_noise(num, run.shape, seed)
-            x, _ = run_batches(student_fn(pipe, sig[k]), z, torch.Generator().manual_seed(seed + 1), batch_size,
-                               device, f"{ckpt.name} {k}-step", False)
+            x, _ = run_batches(student_fn(pipe, sig[k], guidance_scale=run.guidance_scale), z,
+                               torch.Generator().manual_seed(seed + 1), batch_size, device, f"{ckpt.name} {k}-step",
+                               False, run.labels(num))
             row[str(k)] = meter.score(x)
         curve["checkpoints"].append(row)
         echo(f"{ckpt.name}: " + "; ".join(f"{k}-step FID {row[str(k)]['fid']:.3f} precision "

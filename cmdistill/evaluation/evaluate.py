@@ -27,7 +27,7 @@ from torch import nn
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
 from ..core.tensors import image_shape, num_class_embeds
 from .baselines import make_baselines
-from .features import FIDMeter, find_digits_classifier, load_classifier, real_vs_real
+from .features import FIDMeter, accuracy, find_digits_classifier, load_classifier, real_vs_real
 from .generate import initial_noise, load_student, run_batches, student_fn, teacher_fn
 from .report import headline, headline_table, report_table, side_by_side, write_report
 
@@ -147,6 +147,14 @@ class EvalRun:
     shape: tuple         # (C, H, W)
     real: torch.Tensor   # real images in [-1, 1]
     device: torch.device
+    classes: int | None = None            # class-conditional: the data's classes, sampled in turn
+    guidance_scale: float | None = None   # class-conditional: the classifier-free guidance scale w evaluated
+    guided: nn.Module | None = None       # the teacher the training-free samplers run: CFG at w (else: teacher)
+
+    def labels(self, num: int) -> torch.Tensor | None:
+        """The class of each of ``num`` samples: ``0, 1, …, classes - 1, 0, 1, …`` (balanced); ``None`` when
+        unconditional."""
+        return None if self.classes is None else torch.arange(num) % self.classes
 
 
 @dataclass
@@ -159,11 +167,13 @@ class Sampler:
     sigmas: list | None = None
 
 
-def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool = True) -> EvalRun:
+def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool = True,
+             guidance_scale: float | None = None) -> EvalRun:
     """Recipe, student pipeline, teacher and real images of a run (one-line errors for anything missing). Without
-    ``need_student`` a run whose student is not exported yet loads with ``pipe = None``."""
+    ``need_student`` a run whose student is not exported yet loads with ``pipe = None``. A class-conditional run is
+    evaluated at ``guidance_scale`` (default: the student's own, else the recipe's ``guidance.scale``)."""
     from ..config import load_recipe
-    from ..data import make_dataset
+    from ..data import make_dataset, num_labels
     from ..teachers import load_teacher
 
     if not (run_dir / "recipe.yaml").is_file():
@@ -174,20 +184,42 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     # the run's student/, or one line saying the run has none
     pipe = load_student(run_dir, device) if need_student or has_student else None
     teacher = load_teacher(teacher_path, recipe.teacher.kind).to(device)
-    if num_class_embeds(teacher.net) is not None:
-        raise EvalError("evaluating a class-conditional teacher and its student is not supported yet; sample it with "
-                        "`cmdistill sample --class-label K`")
     shape = image_shape(teacher.net)
     if pipe is not None and image_shape(pipe.unet) != shape:
         raise EvalError(f"student images {image_shape(pipe.unet)} do not match the teacher's {shape}")
     ds = make_dataset(recipe.data.name, recipe.data.root, recipe.data.resolution or shape[1], shape[0])
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
-    return EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device)
+    run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher)
+    if num_class_embeds(teacher.net) is not None:
+        condition_run(run, num_labels(ds), guidance_scale)
+    elif guidance_scale is not None:
+        raise EvalError("--guidance-scale applies to a class-conditional run; this teacher is unconditional")
+    return run
 
 
-def load_run_without_student(run_dir: Path, device) -> EvalRun:
+def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> None:
+    """Set up a class-conditional run: its classes, the guidance scale ``w`` evaluated and the teacher with
+    classifier-free guidance at ``w`` (one-line errors for a student that cannot sample it)."""
+    from ..core.guidance import guide
+
+    if run.pipe is not None and num_class_embeds(run.pipe.unet) is None:
+        raise EvalError("the teacher is class-conditional but the student is not; evaluate it with its own teacher "
+                        "(--teacher)")
+    fn = run.pipe.consistency_function if run.pipe is not None else None
+    w = guidance_scale if guidance_scale is not None else (fn.guidance_scale if fn is not None else None)
+    w = float(w if w is not None else run.recipe.guidance.scale)
+    if run.pipe is not None:
+        try:
+            run.pipe.guidance(w)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    run.classes, run.guidance_scale = classes, w
+    run.guided = guide(run.teacher, w, run.recipe.guidance.null_class)
+
+
+def load_run_without_student(run_dir: Path, device, guidance_scale: float | None = None) -> EvalRun:
     """:func:`load_run` for scoring checkpoints: the run's teacher and data; its student when exported."""
-    return load_run(run_dir, None, device, need_student=False)
+    return load_run(run_dir, None, device, need_student=False, guidance_scale=guidance_scale)
 
 
 def feature_facts(feature_net, run: EvalRun, seed: int, search: list) -> dict:
@@ -212,7 +244,8 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
 
     def score(sig):
         z, g = initial_noise(num, run.shape, z_seed)
-        return fid(run_batches(student_fn(run.pipe, sig), z, g, batch_size, run.device, "search", False)[0])
+        return fid(run_batches(student_fn(run.pipe, sig, guidance_scale=run.guidance_scale), z, g, batch_size,
+                               run.device, "search", False, run.labels(num))[0])
 
     res = search_multistep_sigmas(score, fn.sigma_max, candidate_taus(fn.sigma_min, fn.sigma_max, candidates),
                                   max_steps, echo)
@@ -229,19 +262,22 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
 def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_steps: int, spacing: str,
                   baseline_nfe: list[int], baselines: list[str]) -> list[Sampler]:
     """The reference teacher sampler first, then the student and the teacher's DDIM at 1…max_steps, then the
-    training-free baselines at each NFE budget."""
+    training-free baselines at each NFE budget. The teacher's samplers run ``run.guided`` (classifier-free guidance
+    at the run's ``w`` for a conditional run: NFE counts network evaluations of one batch, as in diffusers' guided
+    pipelines, though each is a batch of twice the images)."""
     from ..core.solvers import SOLVER_NFE
 
+    teacher, w = run.guided or run.teacher, run.guidance_scale
     nfe = teacher_steps * SOLVER_NFE[teacher_sampler] - (teacher_sampler == "heun")  # last Heun step: Euler
     out = [Sampler(f"teacher-{teacher_sampler}-{teacher_steps}", "teacher", teacher_steps, nfe,
-                   teacher_fn(run.teacher, teacher_sampler, teacher_steps, spacing))]
+                   teacher_fn(teacher, teacher_sampler, teacher_steps, spacing))]
     for k in range(1, max_steps + 1):
         sig = run.pipe.sigmas_for(k)
-        out.append(Sampler(f"student-{k}", "student", k, k, student_fn(run.pipe, sig), sig))
-    out += [Sampler(f"teacher-ddim-{k}", "teacher", k, k, teacher_fn(run.teacher, "ddim", k, spacing))
+        out.append(Sampler(f"student-{k}", "student", k, k, student_fn(run.pipe, sig, guidance_scale=w), sig))
+    out += [Sampler(f"teacher-ddim-{k}", "teacher", k, k, teacher_fn(teacher, "ddim", k, spacing))
             for k in range(1, max_steps + 1) if f"teacher-ddim-{k}" != out[0].name]
     seen = {s.name for s in out}
-    for name, n, fn in make_baselines(run.teacher, baseline_nfe, baselines, spacing):
+    for name, n, fn in make_baselines(teacher, baseline_nfe, baselines, spacing):
         if name not in seen:
             seen.add(name)
             out.append(Sampler(name, "baseline", n, n, fn))
@@ -254,30 +290,36 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: int, seeds: list[int],
-            batch_size: int, echo, progress: bool) -> tuple[dict, dict]:
+            batch_size: int, echo, progress: bool, classifier: nn.Module | None = None) -> tuple[dict, dict]:
     """Every sampler from the same initial noise, for each noise seed ``s`` (initial noise from ``s``, the student's
-    multistep noise from ``s + 1``): FID, precision and recall (mean and std over seeds), paired distances to the
+    multistep noise from ``s + 1``): FID, precision and recall (mean and std over seeds), for a conditional run the
+    class accuracy (the share of samples ``classifier`` assigns to the class asked for), paired distances to the
     first (reference) sampler and images per second (first seed). Returns ``(entries, images of the first seed)``."""
     entries, images = {}, {}
     ref = samplers[0].name
+    labels = run.labels(num)
     for s in samplers:
         scores, speeds = [], []
         for i, seed in enumerate(seeds):
             z, _ = initial_noise(num, run.shape, seed)
             x, ips = run_batches(s.fn, z, torch.Generator().manual_seed(seed + 1), batch_size, run.device,
-                                 s.name, progress)
+                                 s.name, progress, labels)
             scores.append(fid.score(x))
+            if labels is not None and classifier is not None:
+                scores[-1]["class_accuracy"] = accuracy(classifier, x, labels)
             speeds.append(ips)
             if i == 0:
                 images[s.name] = x
         e = {"kind": s.kind, "steps": s.steps, "nfe": s.nfe, "sigmas": s.sigmas, "images_per_s": speeds[0],
              "vs_teacher_ref": paired_distances(images[s.name], images[ref], lpips)}
-        for key in ("fid", "precision", "recall"):
-            e[key], std = _mean_std([sc[key] for sc in scores])
-            if std is not None:
-                e[f"{key}_std"] = std
+        for key in ("fid", "precision", "recall", "class_accuracy"):
+            if key in scores[0]:
+                e[key], std = _mean_std([sc[key] for sc in scores])
+                if std is not None:
+                    e[f"{key}_std"] = std
         entries[s.name] = e
-        echo(f"{s.name:>18}: FID {e['fid']:.3f}, precision {e['precision']:.3f}, recall {e['recall']:.3f}, "
+        acc = f", class accuracy {e['class_accuracy']:.3f}" if "class_accuracy" in e else ""
+        echo(f"{s.name:>18}: FID {e['fid']:.3f}, precision {e['precision']:.3f}, recall {e['recall']:.3f}{acc}, "
              f"{speeds[0]:.1f} img/s")
     return entries, images
 
@@ -289,14 +331,21 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
              search_candidates: int = 12, seed: int = 0, device=None, use_lpips: bool = True,
              echo: Callable[[str], None] = print, progress: bool = True, store_sigmas: bool = False,
              seeds: int | None = None, baseline_nfe: list[int] | None = None,
-             baselines: list[str] | None = None) -> dict:
+             baselines: list[str] | None = None, guidance_scale: float | None = None) -> dict:
     """Evaluate the run in ``run_dir`` (its ``recipe.yaml`` names the teacher, data and eval settings; arguments
     left ``None`` come from there). Writes ``report.json``, ``report.md`` and ``side_by_side.png``; returns the
     report. Nothing else in the run changes, unless ``search_sigmas`` and ``store_sigmas`` are both set.
-    ``feature_net``: ``inception``, ``digits`` or an ``nn.Module`` (images in [0, 1] -> features)."""
+    ``feature_net``: ``inception``, ``digits`` or an ``nn.Module`` (images in [0, 1] -> features).
+
+    A class-conditional run samples the classes in turn (balanced), runs the teacher's samplers with classifier-free
+    guidance at ``guidance_scale`` (default: the student's own ``w``), adds the class accuracy of every sampler
+    (digits data: the shipped digits classifier) and shows one column per class in ``side_by_side.png``. An explicit
+    ``guidance_scale`` writes ``report-w<W>.json``/``.md`` and ``side_by_side-w<W>.png`` instead, so a sweep over
+    ``w`` keeps the run's own report."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # 1. the run, its eval settings, the real features
-    run = load_run(Path(run_dir), teacher_path, device)
+    run = load_run(Path(run_dir), teacher_path, device, guidance_scale=guidance_scale)
+    suffix = f"-w{run.guidance_scale:g}" if guidance_scale is not None else ""
     ec = run.recipe.eval
     num, batch_size = num_samples or ec.num_samples, batch_size or ec.batch_size
     feature_net = ec.feature_net if feature_net is None else feature_net
@@ -309,6 +358,11 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
                     "num_samples": num, "num_real": len(run.real), "seed": seed, "seeds": len(seed_list),
                     "teacher_spacing": teacher_spacing, "baselines": baselines, "baseline_nfe": baseline_nfe,
                     **feature_facts(feature_net, run, seed, search)}
+    classifier = None
+    if run.classes is not None:
+        classifier = class_classifier(run, search)
+        report.update(classes=run.classes, guidance_scale=run.guidance_scale,
+                      class_accuracy_by="digits classifier" if classifier is not None else None)
     # 2. optional multistep-sigma search (stored only when asked)
     if search_sigmas:
         report["sigma_search"] = sigma_search(run, fid, max_steps, search_num or min(num, 500), search_candidates,
@@ -318,21 +372,32 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
                              baselines)
     lpips, report["lpips"] = load_lpips(run.recipe.loss.lpips_net, device) if use_lpips else (None, "disabled")
     report["reference"] = samplers[0].name
-    report["samplers"], images = measure(samplers, run, fid, lpips, num, seed_list, batch_size, echo, progress)
+    report["samplers"], images = measure(samplers, run, fid, lpips, num, seed_list, batch_size, echo, progress,
+                                         classifier)
     report["headline"] = headline(report["samplers"], [k for k in (1, 2, 4) if k <= max_steps])
     # 4. pictures and report
     sd = report["samplers"]
     at4 = [n for n, e in sd.items() if e["kind"] == "baseline" and e["nfe"] <= 4]
     best4 = [min(at4, key=lambda n: sd[n]["fid"])] if at4 else []
     rows = [samplers[0].name] + [f"student-{k}" for k in (1, 2, 4) if k <= max_steps] + best4
+    columns = {} if run.classes is None else {"ncol": min(run.classes, 16), "column_label": "class {i}"}
+    report["side_by_side"] = f"side_by_side{suffix}.png"
     side_by_side({f"{n} | NFE {sd[n]['nfe']} | FID {sd[n]['fid']:.2f}": images[n] for n in rows},
-                 run.run_dir / "side_by_side.png")
-    report["side_by_side"] = "side_by_side.png"
-    write_report(report, run.run_dir)
+                 run.run_dir / report["side_by_side"], **columns)
+    write_report(report, run.run_dir, suffix)
     echo(headline_table(report))
     echo(report_table(report))
-    echo(f"report written to {run.run_dir / 'report.json'} and {run.run_dir / 'report.md'}")
+    echo(f"report written to {run.run_dir / f'report{suffix}.json'} and {run.run_dir / f'report{suffix}.md'}")
     return report
+
+
+def class_classifier(run: EvalRun, search: list) -> nn.Module | None:
+    """The classifier that judges a conditional run's classes: the shipped digits classifier for digits data,
+    ``None`` (no class accuracy) for other data, for which cmdistill ships none."""
+    if run.recipe.data.name != "digits":
+        return None
+    folder = find_digits_classifier(search)
+    return load_classifier(folder)[0] if folder is not None else None
 
 
 __all__ = ["evaluate", "EvalError", "paired_distances", "search_multistep_sigmas", "candidate_taus",

@@ -63,33 +63,46 @@ def initial_noise(num: int, shape: Sequence[int], seed: int) -> tuple[torch.Tens
     return torch.randn(num, *shape, generator=g), g
 
 
-def run_batches(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor], noise: torch.Tensor,
-                generator: torch.Generator, batch_size: int, device, desc: str,
-                progress: bool = True) -> tuple[torch.Tensor, float]:
-    """Apply ``fn(z_batch, generator)`` batch by batch; return the images (CPU, clamped to [-1, 1]) and the
-    throughput in images per second (wall clock, device synchronised, after one untimed warm-up image drawn
-    with its own generator so ``generator``'s stream is untouched)."""
+def run_batches(fn: Callable[..., torch.Tensor], noise: torch.Tensor, generator: torch.Generator, batch_size: int,
+                device, desc: str, progress: bool = True,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Apply ``fn(z_batch, generator)`` batch by batch (``fn(z_batch, generator, class_labels=labels_batch)`` when
+    ``labels`` are given, one per image); return the images (CPU, clamped to [-1, 1]) and the throughput in images
+    per second (wall clock, device synchronised, after one untimed warm-up image drawn with its own generator so
+    ``generator``'s stream is untouched)."""
     device = torch.device(device)
-    fn(noise[:1].to(device), torch.Generator().manual_seed(0))
+
+    def cond(i: int, n: int) -> dict:
+        return {} if labels is None else {"class_labels": labels[i:i + n].to(device)}
+
+    fn(noise[:1].to(device), torch.Generator().manual_seed(0), **cond(0, 1))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     outs, t0 = [], time.perf_counter()
     for i in tqdm(range(0, len(noise), batch_size), desc=desc, disable=not progress, leave=False):
-        outs.append(fn(noise[i:i + batch_size].to(device), generator).float().clamp(-1, 1).cpu())
+        outs.append(fn(noise[i:i + batch_size].to(device), generator, **cond(i, batch_size)).float().clamp(-1, 1).cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return torch.cat(outs), len(noise) / max(time.perf_counter() - t0, 1e-9)
 
 
-def student_fn(pipe, sigmas: Sequence[float], class_label: int | None = None) -> Callable:
-    """``z, g -> x``: the pipeline's CM Algorithm 1 from given starting noise (all of one class when given)."""
+def student_fn(pipe, sigmas: Sequence[float], class_label: int | None = None,
+               guidance_scale: float | None = None) -> Callable:
+    """``z, g[, class_labels] -> x``: the pipeline's CM Algorithm 1 from given starting noise, with the given labels
+    (default: all ``class_label``) at guidance scale ``guidance_scale`` (``None``: the student's own)."""
     sigmas = pipe.check_sigmas(sigmas)
-    return lambda z, g: pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent",
-                             class_labels=class_label).images
+    pipe.guidance(guidance_scale)  # one clear line now for a scale the student was not distilled for
+
+    def sample(z, g, class_labels=None):
+        labels = class_label if class_labels is None else class_labels
+        return pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent", class_labels=labels,
+                    guidance_scale=guidance_scale).images
+
+    return sample
 
 
 def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = DEFAULT_TEACHER_SPACING) -> Callable:
-    """``z, g -> x``: the teacher's deterministic ODE sampler (``ddim``, ``heun`` or ``euler``) over
+    """``z, g[, class_labels] -> x``: the teacher's deterministic ODE sampler (``ddim``, ``heun`` or ``euler``) over
     :func:`~cmdistill.core.sampling.teacher_sigmas`."""
     from ..core.sampling import sample_ode, teacher_sigmas
     from ..core.solvers import SOLVERS
@@ -97,29 +110,41 @@ def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = DEFAULT_
     if sampler not in SOLVERS:
         raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SOLVERS))}")
     sigmas = teacher_sigmas(teacher, steps, spacing)
-    return lambda z, g: sample_ode(teacher, z, sigmas, sampler)
+    return lambda z, g, **cond: sample_ode(teacher, z, sigmas, sampler, **cond)
 
 
 def sample_student(pipe, num: int, steps: int = 1, sigmas: Sequence[float] | None = None, seed: int = 0,
-                   batch_size: int = 256, progress: bool = True,
-                   class_label: int | None = None) -> tuple[torch.Tensor, list[float]]:
+                   batch_size: int = 256, progress: bool = True, class_label: int | None = None,
+                   guidance_scale: float | None = None) -> tuple[torch.Tensor, list[float]]:
     """``num`` student samples in [-1, 1] and the sigmas used (stored ones for ``steps`` unless given); a
-    class-conditional student samples ``class_label``."""
+    class-conditional student samples ``class_label`` (at ``guidance_scale`` when it takes one)."""
     sigmas = pipe.check_sigmas(sigmas if sigmas is not None else pipe.sigmas_for(steps))
     noise, g = initial_noise(num, image_shape(pipe.unet), seed)
-    x, _ = run_batches(student_fn(pipe, sigmas, class_label), noise, g, batch_size, pipe.device,
+    x, _ = run_batches(student_fn(pipe, sigmas, class_label, guidance_scale), noise, g, batch_size, pipe.device,
                        f"student {len(sigmas)}-step", progress)
     return x, sigmas
 
 
 def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                   batch_size: int = 256, spacing: str | None = DEFAULT_TEACHER_SPACING,
-                   progress: bool = True) -> torch.Tensor:
-    """``num`` teacher samples in [-1, 1] from the same noise convention as :func:`sample_student`."""
+                   batch_size: int = 256, spacing: str | None = DEFAULT_TEACHER_SPACING, progress: bool = True,
+                   class_label: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+    """``num`` teacher samples in [-1, 1] from the same noise convention as :func:`sample_student`; a
+    class-conditional teacher samples ``class_label`` with classifier-free guidance at ``guidance_scale``."""
+    from ..core.guidance import guide
+
     noise, g = initial_noise(num, image_shape(teacher.net), seed)
     device = next(teacher.net.parameters()).device
+    labels = None
+    if class_label is not None or guidance_scale is not None:
+        if class_label is None:
+            raise SampleError("--guidance-scale needs --class-label (classifier-free guidance of a class)")
+        try:
+            teacher = guide(teacher, guidance_scale)
+        except ValueError as e:
+            raise SampleError(str(e)) from None
+        labels = torch.full((num,), int(class_label))
     x, _ = run_batches(teacher_fn(teacher, sampler, steps, spacing), noise, g, batch_size, device,
-                       f"teacher {sampler}-{steps}", progress)
+                       f"teacher {sampler}-{steps}", progress, labels)
     return x
 
 

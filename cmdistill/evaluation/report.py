@@ -23,19 +23,23 @@ def _pm(s: dict, key: str, spec: str) -> str:
 
 
 def report_table(report: dict) -> str:
-    """Markdown table: one row per sampler, then the real-vs-real floor."""
-    lines = ["| sampler | NFE | FID | precision | recall | MSE vs ref | PSNR vs ref | LPIPS vs ref | img/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table: one row per sampler, then the real-vs-real floor; a class-accuracy column for a conditional
+    run."""
+    acc = any("class_accuracy" in s for s in report["samplers"].values())
+    lines = ["| sampler | NFE | FID | precision | recall |" + (" class accuracy |" if acc else "")
+             + " MSE vs ref | PSNR vs ref | LPIPS vs ref | img/s |",
+             "|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|---|---|"]
     for name, s in report["samplers"].items():
         d = s["vs_teacher_ref"]
         lines.append(f"| {name} | {s['nfe']} | {_pm(s, 'fid', '.3f')} | {_pm(s, 'precision', '.3f')} | "
-                     f"{_pm(s, 'recall', '.3f')} | {_fmt(d['mse'], '.5f')} | "
+                     f"{_pm(s, 'recall', '.3f')} | " + (f"{_pm(s, 'class_accuracy', '.3f')} | " if acc else "")
+                     + f"{_fmt(d['mse'], '.5f')} | "
                      f"{_fmt(d['psnr'] if d['psnr'] is not None else math.inf, '.2f')} | {_fmt(d['lpips'], '.4f')} | "
                      f"{_fmt(s['images_per_s'], '.1f')} |")
     rr = report.get("real_vs_real")
     if rr:
         lines.append(f"| real vs real (two halves) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
-                     f"{_fmt(rr['recall'])} | – | – | – | – |")
+                     f"{_fmt(rr['recall'])} | " + ("– | " if acc else "") + "– | – | – | – |")
     return "\n".join(lines)
 
 
@@ -111,8 +115,9 @@ def finite(obj):
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-def write_report(report: dict, run_dir: Path) -> None:
-    (run_dir / "report.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
+def write_report(report: dict, run_dir: Path, suffix: str = "") -> None:
+    """``report<suffix>.json`` and ``report<suffix>.md`` in ``run_dir``."""
+    (run_dir / f"report{suffix}.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False) + "\n")
     seeds = report.get("seeds", 1)
     md = [f"# Evaluation of {run_dir.name}", "",
           f"Teacher `{report['teacher']}`; {report['num_samples']} samples per sampler and noise seed "
@@ -123,11 +128,24 @@ def write_report(report: dict, run_dir: Path) -> None:
           f"Paired distances (\"vs ref\") are to the `{report['reference']}` samples from the same initial noise "
           f"(LPIPS: {report['lpips']}). Training-free baselines: teacher DDIM, "
           + ", ".join(report.get("baselines", [])) + f" (timestep spacing `{report['teacher_spacing']}`).", "",
+          *conditional_note(report),
           "## Headline", "", headline_table(report), "", "## All samplers", "", report_table(report), "",
-          "![samplers, same noise in each column](side_by_side.png)", ""]
+          f"![samplers, same noise in each column]({report.get('side_by_side', 'side_by_side.png')})", ""]
     if report.get("sigma_search"):
         ss = report["sigma_search"]
         where = "stored in the student" if ss.get("stored") else "this report only, not stored"
         md += [f"Multistep sigmas chosen by FID search ({where}): "
                + "; ".join(f"{k}: {[round(s, 4) for s in v]}" for k, v in ss["sigmas"].items()), ""]
-    (run_dir / "report.md").write_text("\n".join(md))
+    (run_dir / f"report{suffix}.md").write_text("\n".join(md))
+
+
+def conditional_note(report: dict) -> list[str]:
+    """What a class-conditional report measures, as a paragraph (nothing for an unconditional run)."""
+    if report.get("classes") is None:
+        return []
+    by = report.get("class_accuracy_by")
+    return [f"Class-conditional: the samples go through the {report['classes']} classes in turn; every teacher "
+            f"sampler uses classifier-free guidance at w = {report['guidance_scale']:g} (one NFE is one guided "
+            "network call on a doubled batch), the student samples at the same w. "
+            + (f"Class accuracy: the share of samples the {by} assigns to the class asked for." if by else
+               "No classifier for this data: no class accuracy."), ""]

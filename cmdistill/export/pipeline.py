@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction
 from ..core.denoisers import build_denoiser
+from ..core.guidance import GuidanceEmbedding
 from ..core.sampling import default_multistep_sigmas, sample_consistency
 from ..core.tensors import image_shape, num_class_embeds
 
@@ -64,6 +66,28 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+class GuidanceEmbeddingModel(ModelMixin, ConfigMixin):
+    """The saved form of a student's :class:`~cmdistill.core.guidance.GuidanceEmbedding` (the guidance scale as an
+    input): a diffusers model (``config.json`` + safetensors in the student's ``guidance_embedding/``) that holds the
+    embedding, so ``save_pretrained``/``from_pretrained`` carry it with the U-Net. diffusers records it in
+    ``model_index.json`` under this module's path and finds it once cmdistill is imported (no remote code)."""
+
+    @register_to_config
+    def __init__(self, embedding_dim: int, num_features: int = 64):
+        super().__init__()
+        self.embedding = GuidanceEmbedding(embedding_dim, num_features)
+
+    @classmethod
+    def wrap(cls, embedding: GuidanceEmbedding) -> "GuidanceEmbeddingModel":
+        """A model around ``embedding`` itself (shared, not copied)."""
+        model = cls(embedding.mlp[-1].out_features, embedding.num_features)
+        model.embedding = embedding
+        return model
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.embedding(w)
+
+
 class ConsistencyPipeline(DiffusionPipeline):
     """One- or few-step sampling with a consistency model (CM Algorithm 1).
 
@@ -72,11 +96,12 @@ class ConsistencyPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["guidance_embedding"]
 
     def __init__(self, unet, adapter: Optional[dict] = None, consistency: Optional[dict] = None,
-                 multistep_sigmas: Optional[dict] = None):
+                 multistep_sigmas: Optional[dict] = None, guidance_embedding: Optional[GuidanceEmbeddingModel] = None):
         super().__init__()
-        self.register_modules(unet=unet)
+        self.register_modules(unet=unet, guidance_embedding=guidance_embedding)
         self.register_to_config(adapter=adapter or {"kind": "ddpm", "scheduler": {}},
                                 consistency=consistency or {},
                                 multistep_sigmas={str(k): [float(s) for s in v]
@@ -101,9 +126,12 @@ class ConsistencyPipeline(DiffusionPipeline):
 
     @classmethod
     def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None):
-        """Build from a trained :class:`ConsistencyFunction` (its network is shared, not copied)."""
+        """Build from a trained :class:`ConsistencyFunction` (its network and guidance embedding are shared, not
+        copied)."""
+        emb = student.guidance_embedding
         return cls(unet=student.denoiser.net, adapter=student.denoiser.adapter_config(),
-                   consistency=student.consistency_config(), multistep_sigmas=multistep_sigmas)
+                   consistency=student.consistency_config(), multistep_sigmas=multistep_sigmas,
+                   guidance_embedding=None if emb is None else GuidanceEmbeddingModel.wrap(emb))
 
     @property
     def consistency_function(self) -> ConsistencyFunction:
@@ -117,6 +145,9 @@ class ConsistencyPipeline(DiffusionPipeline):
             if "sigma_max" in cc:
                 fn.sigma_max = float(cc["sigma_max"])
             fn.guidance_scale = cc.get("guidance_scale")
+            if getattr(self, "guidance_embedding", None) is not None:
+                fn.guidance_embedding = self.guidance_embedding.embedding
+                fn.guidance_range = tuple(float(w) for w in cc.get("guidance_range", (fn.guidance_scale,) * 2))
             if cc.get("prior_mean") is not None:
                 fn.prior_mean = torch.tensor(cc["prior_mean"], dtype=torch.float32)
             self._fn_cache = (id(self.unet), fn)
@@ -177,6 +208,23 @@ class ConsistencyPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in [0, {n - 1}], got {labels.tolist()[:8]}")
         return {"class_labels": labels.to(device)}
 
+    def guidance(self, guidance_scale: Optional[float]) -> dict:
+        """``{"guidance_scale": w}`` for a student with a guidance embedding (``None``: its default), ``{}`` for one
+        with its scale built in; a ``ValueError`` (one line) for a scale the student was not distilled for."""
+        fn = self.consistency_function
+        if fn.guidance_embedding is not None:
+            lo, hi = fn.guidance_range
+            w = fn.guidance_scale if guidance_scale is None else float(guidance_scale)
+            if not lo - 1e-6 <= w <= hi + 1e-6:
+                raise ValueError(f"this student was distilled for guidance scales in [{lo:g}, {hi:g}]; it cannot "
+                                 f"sample at guidance_scale={w:g}")
+            return {"guidance_scale": w}
+        if guidance_scale is not None and guidance_scale != (fn.guidance_scale or 1.0):
+            built_in = (f"was distilled at guidance scale {fn.guidance_scale:g}" if fn.guidance_scale is not None
+                        else "has no guidance built in")
+            raise ValueError(f"this student {built_in}; it cannot sample at guidance_scale={guidance_scale:g}")
+        return {}
+
     @property
     def _execution_device(self) -> torch.device:
         """diffusers' property walks every module for offloading hooks on each call (about 1-3 ms on CPU for these
@@ -208,18 +256,16 @@ class ConsistencyPipeline(DiffusionPipeline):
         do; off by default, since it made the digits student's 2-4-step FIDs worse
         (:func:`~cmdistill.core.sampling.sample_consistency`). ``class_labels``: for a class-conditional student,
         one int for the whole batch, or one label per image (a list or a tensor), as diffusers' ``DiTPipeline``;
-        ``None`` for an unconditional student. ``guidance_scale``: a student distilled from a guided teacher has its
-        teacher's classifier-free guidance scale built in; any other value is refused (``None``: the built-in one).
+        ``None`` for an unconditional student. ``guidance_scale``: the teacher's classifier-free guidance scale
+        ``w``. A student distilled at one ``w`` has it built in and refuses any other; a student distilled for a range
+        of ``w`` (a guidance embedding) samples at any ``w`` of that range; ``None``: the student's default.
         """
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         fn = self.consistency_function
-        if guidance_scale is not None and guidance_scale != (fn.guidance_scale or 1.0):
-            built_in = (f"was distilled at guidance scale {fn.guidance_scale:g}" if fn.guidance_scale is not None
-                        else "has no guidance built in")
-            raise ValueError(f"this student {built_in}; it cannot sample at guidance_scale={guidance_scale:g}")
+        guidance = self.guidance(guidance_scale)
         sigmas = self.check_sigmas(sigmas if sigmas is not None else self.sigmas_for(num_inference_steps))
         device = self._execution_device
         if latents is None:
@@ -229,7 +275,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         def noise(shape, dtype, dev):
             return randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
 
-        cond = self.conditioning(class_labels, latents.shape[0], device)
+        cond = {**self.conditioning(class_labels, latents.shape[0], device), **guidance}
         x = sample_consistency(fn, latents.to(device, torch.float32), sigmas, noise_fn=noise,
                                clip_denoised=clip_denoised, **cond)
         if output_type == "latent":

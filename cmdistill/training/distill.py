@@ -42,6 +42,7 @@ def build_models(recipe: Recipe, device):
         raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
                           f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
     student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max).to(device)
+    attach_guidance(student, recipe)
     teacher.net.to(DTYPES[recipe.teacher.dtype])  # no gradients flow through the teacher
     target = make_target(student)
     ema = make_eval_ema(student, sc.ema_decay, sc.ema_update_after_step, sc.ema_power).to(device)
@@ -81,18 +82,33 @@ def build_pairs(recipe: Recipe, teacher, student) -> PairSchedule:
     return pairs
 
 
+def attach_guidance(student, recipe: Recipe) -> None:
+    """What the student knows of guidance, set before the target and EMA are copied from it: with
+    ``guidance.w_min``/``w_max`` a zero-started :class:`~cmdistill.core.guidance.GuidanceEmbedding` (w is an input,
+    ``guidance.scale`` its default); else a fixed ``guidance.scale`` other than 1 built in."""
+    from ..core.guidance import GuidanceEmbedding
+
+    gc = recipe.guidance
+    if gc.w_min is not None:
+        student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
+        student.guidance_range = (float(gc.w_min), float(gc.w_max))
+    if gc.w_min is not None or gc.scale != 1.0:
+        student.guidance_scale = float(gc.scale)
+
+
 def guided_teacher(recipe: Recipe, teacher):
-    """The teacher with classifier-free guidance at ``guidance.scale`` (LCM's guided distillation), or the teacher
-    itself at scale 1. The student then has that scale built in (``ConsistencyFunction.guidance_scale``)."""
+    """The teacher with classifier-free guidance at ``guidance.scale`` (LCM's guided distillation; per sample when
+    w is drawn from ``[w_min, w_max]``), or the teacher itself at a fixed scale of 1."""
     from ..core.guidance import GuidedDenoiser
 
     gc = recipe.guidance
-    if gc.scale == 1.0:
+    if gc.scale == 1.0 and gc.w_min is None:
         return teacher
     n = num_class_embeds(teacher.net)
     if n is None:
-        raise ConfigError(f"'guidance.scale' is {gc.scale:g} but the teacher {recipe.teacher.path!r} is not "
-                          "class-conditional; set guidance.scale to 1")
+        what = "'guidance.w_min'/'w_max' are set" if gc.w_min is not None else f"'guidance.scale' is {gc.scale:g}"
+        raise ConfigError(f"{what} but the teacher {recipe.teacher.path!r} is not class-conditional; set "
+                          "guidance.scale to 1 and leave w_min/w_max unset")
     null = n - 1 if gc.null_class is None else gc.null_class
     if not 0 <= null < n:
         raise ConfigError(f"'guidance.null_class' must lie in [0, {n - 1}], got {null}")
@@ -131,9 +147,6 @@ class Distillation:
         self.batches = None
         self.conditional = num_class_embeds(self.teacher.net) is not None
         self.pair_teacher = guided_teacher(recipe, self.teacher)  # the teacher the ODE pairs come from
-        if self.pair_teacher is not self.teacher:
-            for fn in (self.student, self.target, self.ema.ema_model):
-                fn.guidance_scale = recipe.guidance.scale
         self.sample_cond = {}
         if self.conditional:
             classes, embeds = num_labels(self.dataset), num_class_embeds(self.teacher.net)
@@ -154,17 +167,28 @@ class Distillation:
                 f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, prior "
                 f"{r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} points, {r.solver.name} "
                 f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"
-                + (f"; class-conditional, guidance scale {r.guidance.scale:g}" if self.conditional else "")]
+                + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else "")]
+
+    def guidance_text(self) -> str:
+        gc = self.recipe.guidance
+        if gc.w_min is None:
+            return f"{gc.scale:g}"
+        return f"drawn from [{gc.w_min:g}, {gc.w_max:g}] (an input of the student, default {gc.scale:g})"
 
     def next_batch(self) -> tuple[torch.Tensor, dict]:
         """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``, and its conditioning: the class labels
-        when the teacher is class-conditional (``class_labels``, diffusers' argument name), else nothing."""
+        when the teacher is class-conditional (``class_labels``, diffusers' argument name), and with a range of
+        guidance scales one ``w ~ U[w_min, w_max]`` per sample (``guidance_scale``, LCM), else nothing."""
         batch = next(self.batches)
         x0 = batch[0].to(self.acc.device, non_blocking=True)
         x0 = random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
+        cond = {}
         if self.conditional and len(batch) > 1:
-            return x0, {"class_labels": batch[1].to(self.acc.device, non_blocking=True)}
-        return x0, {}
+            cond["class_labels"] = batch[1].to(self.acc.device, non_blocking=True)
+        gc = self.recipe.guidance
+        if gc.w_min is not None:
+            cond["guidance_scale"] = (gc.w_min + (gc.w_max - gc.w_min) * torch.rand(x0.shape[0])).to(self.acc.device)
+        return x0, cond
 
     def loss(self, step: int) -> torch.Tensor:
         """CM Algorithm 2, lines 3-7 on the next micro-batch: pair ``(sigma_hi, sigma_lo)``, teacher ODE step, student
