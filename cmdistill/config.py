@@ -61,6 +61,18 @@ class GuidanceConfig:
 
 
 @dataclass
+class BankConfig:
+    """The teacher trajectory bank (cmdistill.training.bank): made once, cached with a manifest, reused."""
+
+    count: int = 0                         # trajectories; 0: no bank (needed by loss.regression_weight, data teacher)
+    path: Optional[str] = None             # its folder; null: runs/banks/<teacher>-<hash of what makes it>
+    start: str = "student"                 # student: from the 1-step start mu + sigma_max z | teacher: from the top
+    solver: str = "heun"                   # of the teacher's range; the ODE solver and its grid (null points:
+    num_scales: Optional[int] = None       # schedule.num_scales) over the student's range
+    seed: int = 20240                      # of the bank's noise (its own stream: not the training seed)
+
+
+@dataclass
 class SolverConfig:
     name: str = "heun"                     # heun | euler | ddim
     substeps: int = 1                      # teacher sub-steps per pair
@@ -87,6 +99,9 @@ class LossConfig:
     lpips_pretrained: bool = True          # ImageNet backbone weights (torchvision download); false: random
     huber_c: Optional[float] = None        # None: 0.00054 * sqrt(dim) (iCT)
     weighting: str = "uniform"             # uniform | inv_delta
+    regression_weight: float = 0.0         # > 0: + weight * d(f(x_start, sigma_max), x0) on trajectory-bank entries
+    regression_schedule: str = "constant"  # constant | linear_decay (weight -> 0 at train.max_steps)
+    regression_batch: Optional[int] = None  # bank entries per micro-batch; null: the micro-batch size
 
 
 @dataclass
@@ -147,6 +162,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -225,11 +241,13 @@ def choices() -> dict[str, tuple]:
     from .core.tensors import DTYPES
     from .data import DATASETS, PRIORS
     from .evaluation.features import feature_net_names
+    from .training.bank import BANK_STARTS, REGRESSION_SCHEDULES
     from .training.loop import MIXED_PRECISION, NONFINITE_MODES
     from .training.optim import LR_SCHEDULES, OPTIMIZERS
 
     return {
-        "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": tuple(DTYPES), "data.name": tuple(DATASETS),
+        "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": tuple(DTYPES), "data.name": (*DATASETS, "teacher"),
+        "bank.start": BANK_STARTS, "bank.solver": tuple(SOLVERS), "loss.regression_schedule": tuple(REGRESSION_SCHEDULES),
         "schedule.grid": GRIDS, "schedule.curriculum": tuple(CURRICULA), "schedule.pairs": tuple(PAIR_SAMPLERS),
         "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES), "student.prior": tuple(PRIORS),
         "loss.distance": tuple(DISTANCES), "loss.lpips_net": LPIPS_NETS, "loss.weighting": tuple(WEIGHTINGS),
@@ -250,10 +268,10 @@ POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip",
 UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay", "unet.dropout",
                  "train.label_dropout"}
 # > 0 when set (None allowed where the annotation is Optional)
-POSITIVE_OR_NONE = {"unet.num_class_embeds", "train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
+POSITIVE_OR_NONE = {"bank.num_scales", "loss.regression_batch", "unet.num_class_embeds", "train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
                     "student.sigma_max"}
-NON_NEGATIVE = {"guidance.scale", "guidance.null_class", "guidance.w_min", "guidance.w_max", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
+NON_NEGATIVE = {"bank.count", "bank.seed", "loss.regression_weight", "guidance.scale", "guidance.null_class", "guidance.w_min", "guidance.w_max", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
                 "student.ema_update_after_step", "student.ema_power", "train.ema_power"}
 
 
@@ -369,6 +387,15 @@ def _check_distill(recipe: Recipe) -> None:
         raise ConfigError("'schedule.num_scales' and 'schedule.num_scales_start' must be at least 2 (grid points)")
     if recipe.student.sigma_max is not None and sch.grid != "karras":
         raise ConfigError("'student.sigma_max' caps the Karras grid; it needs 'schedule.grid: karras'")
+    bc, lc = recipe.bank, recipe.loss
+    if (lc.regression_weight > 0 or recipe.data.name == "teacher") and bc.count == 0:
+        need = "loss.regression_weight" if lc.regression_weight > 0 else "data.name: teacher"
+        raise ConfigError(f"'{need}' needs a trajectory bank: set bank.count (e.g. 4096)")
+    if recipe.data.name == "teacher" and bc.start != "teacher":
+        raise ConfigError("'data.name: teacher' trains on the teacher's own samples: it needs 'bank.start: teacher' "
+                          "(trajectories from the top of the teacher's range)")
+    if bc.num_scales is not None and bc.num_scales < 2:
+        raise ConfigError("'bank.num_scales' must be at least 2 (grid points)")
     gc = recipe.guidance
     if (gc.w_min is None) != (gc.w_max is None):
         raise ConfigError("'guidance.w_min' and 'guidance.w_max' go together: set both (a range of w) or neither")

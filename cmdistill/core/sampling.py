@@ -56,9 +56,18 @@ def sample_ode(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, solver: str 
     ``noise`` is unit Gaussian; it is scaled by the teacher's ``prior_std(sigmas[0])`` (``sqrt(1 + sigma^2)``
     for DDPM teachers, exactly as diffusers' loops start from unit VP noise).
     """
-    step = get_solver(solver)
     prior = getattr(denoiser, "prior_std", lambda s: s)
-    x = promote(noise) * prior(float(sigmas[0]))
+    return integrate(denoiser, promote(noise) * prior(float(sigmas[0])), sigmas, solver, progress, **cond)
+
+
+@torch.no_grad()
+def integrate(denoiser, x: torch.Tensor, sigmas, solver: str = "heun", progress: bool = False,
+              **cond) -> torch.Tensor:
+    """The probability-flow ODE from the state ``x`` at ``sigmas[0]`` through each next sigma in turn, one
+    ``solver`` step each (Karras et al. 2022, Algorithm 1 for Heun)."""
+    step = get_solver(solver)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    x = promote(x)
     pairs = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist()))
     for s_hi, s_lo in tqdm(pairs, disable=not progress, desc=f"teacher {solver}", leave=False):
         x = step(denoiser, x, s_hi, s_lo, **cond)

@@ -26,6 +26,7 @@ from ..core.tensors import DTYPES, image_shape, num_class_embeds, to_device
 from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip
 from ..images import save_grid
 from ..teachers import load_teacher
+from .bank import bank_dataset
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
 from .speed import configure_networks
@@ -129,10 +130,17 @@ class Distillation:
         self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
-        self.dataset = dataset if dataset is not None else build_data(recipe, self.teacher)
+        self.pair_teacher = guided_teacher(recipe, self.teacher)  # the teacher the ODE pairs come from
+        n = num_class_embeds(self.teacher.net)
+        # data-free: the bank's x0 are the data (a conditional teacher's classes: all its embeddings but the null one)
+        self.bank = self.load_bank(None, None if n is None else n - 1) if recipe.data.name == "teacher" else None
+        self.dataset = dataset if dataset is not None else (
+            bank_dataset(self.bank) if self.bank is not None else build_data(recipe, self.teacher))
         mean = prior_mean(recipe.student.prior, self.dataset, recipe.data.hflip)  # where 1-step sampling starts
         for fn in (self.student, self.target, self.ema.ema_model):
             fn.prior_mean = None if mean is None else mean.to(device)
+        if self.bank is None and recipe.bank.count:
+            self.bank = self.load_bank(mean, None if n is None else num_labels(self.dataset))
         self.distance, self.weighting = build_loss(recipe.loss, device)
         self.pairs = build_pairs(recipe, self.teacher, self.student)
         opt = make_optimizer(self.student.parameters(), recipe.optim)
@@ -146,7 +154,6 @@ class Distillation:
                                         generator=torch.Generator().manual_seed(tc.seed)).to(device)
         self.batches = None
         self.conditional = num_class_embeds(self.teacher.net) is not None
-        self.pair_teacher = guided_teacher(recipe, self.teacher)  # the teacher the ODE pairs come from
         self.sample_cond = {}
         if self.conditional:
             classes, embeds = num_labels(self.dataset), num_class_embeds(self.teacher.net)
@@ -154,6 +161,35 @@ class Distillation:
                 raise DataError(f"dataset {recipe.data.name!r} has {classes} classes but the teacher embeds {embeds}")
             # sample grids of a conditional student: one class per column, cycling through the data's classes
             self.sample_cond = {"class_labels": (torch.arange(tc.num_sample_images) % classes).to(device)}
+
+    def bank_spec(self, mean, classes: int | None):
+        """What the recipe's trajectory bank must hold (:class:`~cmdistill.training.bank.BankSpec`)."""
+        from .bank import BankSpec, fingerprint, tensor_sha256
+
+        r, bc = self.recipe, self.recipe.bank
+        return BankSpec(teacher=str(r.teacher.path), teacher_fingerprint=fingerprint(self.teacher.net),
+                        start=bc.start, solver=bc.solver, num_scales=bc.num_scales or r.schedule.num_scales,
+                        rho=float(r.schedule.rho), sigma_min=float(self.student.sigma_min),
+                        sigma_max=float(self.student.sigma_max),
+                        prior_mean_sha256=tensor_sha256(mean) if bc.start == "student" else None,
+                        guidance_scale=float(r.guidance.scale) if self.pair_teacher is not self.teacher else None,
+                        classes=classes, seed=bc.seed, count=bc.count)
+
+    def load_bank(self, mean, classes: int | None) -> dict:
+        """The recipe's trajectory bank (made with the pair teacher: guided at ``guidance.scale`` when guided): made
+        by the main process when missing (the others wait, then read it), reused when its manifest matches, refused
+        in one line when it does not."""
+        from .bank import bank_folder, load_or_build_bank
+
+        spec = self.bank_spec(mean, classes)
+        folder = bank_folder(self.recipe.bank.path, spec)
+        bank = None
+        if self.acc.is_main_process:
+            bank = load_or_build_bank(folder, self.pair_teacher, spec, mean, self.acc.device, echo=self.acc.print)
+        self.acc.wait_for_everyone()
+        if bank is None:
+            bank = load_or_build_bank(folder, self.pair_teacher, spec, mean, self.acc.device, echo=lambda s: None)
+        return bank
 
     def describe(self) -> list[str]:
         """The run's header: teacher, data, student range and loss."""
@@ -195,8 +231,33 @@ class Distillation:
         and target outputs, weighted distance; the batch's class labels reach all three networks."""
         x0, cond = self.next_batch()
         sigma_hi, sigma_lo = (to_device(t, self.acc.device) for t in self.pairs.sample(x0.shape[0], step))
-        return cd_loss(self.model, self.target, self.pair_teacher, x0, sigma_hi, sigma_lo, self.distance,
+        loss = cd_loss(self.model, self.target, self.pair_teacher, x0, sigma_hi, sigma_lo, self.distance,
                        self.weighting, self.recipe.solver.name, self.recipe.solver.substeps, **cond).loss
+        weight = self.regression_weight(step)
+        if weight > 0:
+            loss = loss + weight * self.regression_loss(x0.shape[0])
+        return loss
+
+    def regression_weight(self, step: int) -> float:
+        """``loss.regression_weight`` times its schedule at this step."""
+        from .bank import REGRESSION_SCHEDULES
+
+        lc = self.recipe.loss
+        return lc.regression_weight * REGRESSION_SCHEDULES[lc.regression_schedule](step / self.recipe.train.max_steps)
+
+    def regression_loss(self, micro_batch: int) -> torch.Tensor:
+        """Endpoint regression on the trajectory bank (knowledge distillation, Luhman & Luhman 2021; SFD):
+        ``mean d(f(x_start, sigma_max), x0)`` over bank entries drawn with the global (checkpointed) RNG; a student
+        for a range of w is asked at the bank's w (``guidance.scale``)."""
+        from .bank import regression_batch
+
+        x_start, x0, cond = regression_batch(self.bank, self.recipe.loss.regression_batch or micro_batch,
+                                             self.acc.device)
+        if self.student.guidance_embedding is not None:
+            cond["guidance_scale"] = self.recipe.guidance.scale
+        pred = self.model(x_start, torch.full((x_start.shape[0],), self.student.sigma_max, device=x_start.device),
+                          **cond)
+        return self.distance(pred.float(), x0.float()).mean()
 
     def after_update(self) -> None:
         update_target(self.target, self.student, self.recipe.student.target_decay)
