@@ -132,3 +132,16 @@ def test_eval_ema_tracks_student():
         ema.update()
     p_s, p_e = next(student.parameters()), next(ema.ema_model.parameters())
     assert torch.allclose(p_s, p_e, atol=1e-2)
+
+
+def test_effective_ema_decay_is_what_ema_pytorch_applies():
+    """Issue 13: the header's 'decay at the last step' is ema-pytorch's own warm-up value (0.9932 for the digits
+    recipe's 1800 steps at beta 0.999, not 0.999)."""
+    from cmdistill.training.ema import effective_decay, make_eval_ema
+
+    ema = make_eval_ema(torch.nn.Linear(2, 2), beta=0.999, update_after_step=5)
+    for step in range(1, 301):
+        ema.update()
+        if step in (1, 5, 6, 7, 50, 300):
+            assert abs(effective_decay(0.999, step, 2 / 3, 5) - float(ema.get_current_decay())) < 1e-6, step
+    assert abs(effective_decay(0.999, 1800) - 0.99324) < 1e-5

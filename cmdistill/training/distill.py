@@ -203,7 +203,18 @@ class Distillation:
                 f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, prior "
                 f"{r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} points, {r.solver.name} "
                 f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"
-                + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else "")]
+                + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else ""),
+                self.ema_text()]
+
+    def ema_text(self) -> str:
+        """What the evaluation EMA's decay really is at the end of the run (ema-pytorch's warm-up)."""
+        from .ema import effective_decay
+
+        sc, steps = self.recipe.student, self.recipe.train.max_steps
+        eff = effective_decay(sc.ema_decay, steps, sc.ema_power, sc.ema_update_after_step)
+        return (f"evaluation EMA: decay {sc.ema_decay:g}, ema-pytorch warm-up 1 - (1 + t)^-{sc.ema_power:.4g}: "
+                f"{eff:.4f} at the last step" + ("" if eff >= sc.ema_decay else
+                                                  " (student.ema_power sets how fast the warm-up reaches the decay)"))
 
     def guidance_text(self) -> str:
         gc = self.recipe.guidance

@@ -38,3 +38,11 @@ def make_eval_ema(model: nn.Module, beta: float = 0.9999, update_after_step: int
     """
     return EvalEMA(model, beta=beta, update_after_step=update_after_step, update_every=1, power=power,
                    include_online_model=False, use_foreach=True)
+
+
+def effective_decay(beta: float, step: int, power: float = 2 / 3, update_after_step: int = 0) -> float:
+    """The decay ema-pytorch applies at update ``step``: ``min(beta, 1 - (1 + t)^-power)`` with
+    ``t = step - update_after_step - 1`` (0 before the warm-up starts). A short run never reaches ``beta``: with
+    ``power = 2/3`` the warm-up passes 0.999 only after about 31,600 updates (0.9999: a million)."""
+    t = step - update_after_step - 1
+    return 0.0 if t <= 0 else min(beta, 1 - (1 + t) ** -power)
