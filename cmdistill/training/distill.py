@@ -266,8 +266,10 @@ class Distillation:
                                              self.acc.device)
         if self.student.guidance_embedding is not None:
             cond["guidance_scale"] = self.recipe.guidance.scale
-        pred = self.model(x_start, torch.full((x_start.shape[0],), self.student.sigma_max, device=x_start.device),
-                          **cond)
+        # the unwrapped student: under DDP a second call of the wrapper before backward would mark every parameter
+        # ready twice; through the shared parameters autograd sums both terms' gradients into one reduction
+        pred = self.student(x_start, torch.full((x_start.shape[0],), self.student.sigma_max, device=x_start.device),
+                            **cond)
         return self.distance(pred.float(), x0.float()).mean()
 
     def after_update(self) -> None:
