@@ -31,7 +31,7 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"                  # cifar10 | imagefolder | digits
+    name: str = "cifar10"                  # cifar10 | imagefolder | digits | teacher (data-free: the bank's samples)
     root: str = "~/.cache/cmdistill/data"  # download cache (cifar10) or image folder (imagefolder)
     hflip: bool = True
     num_workers: int = 2
@@ -153,6 +153,8 @@ class EvalConfig:
     baselines: list = field(default_factory=lambda: ["dpm++2m", "unipc", "heun-karras"])  # training-free samplers
     baseline_nfe: list = field(default_factory=lambda: [2, 4, 8])  # their budgets of network evaluations
     curve: bool = False                    # at the end of distill: score every kept checkpoint (curve.json/png)
+    data: Optional[str] = None             # the real images FID/precision/recall compare with; null: data.name
+                                           # (a data-free run, data.name: teacher, must name them to be evaluated)
 
 
 @dataclass
@@ -247,6 +249,7 @@ def choices() -> dict[str, tuple]:
 
     return {
         "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": tuple(DTYPES), "data.name": (*DATASETS, "teacher"),
+        "eval.data": (None, *DATASETS),
         "bank.start": BANK_STARTS, "bank.solver": tuple(SOLVERS), "loss.regression_schedule": tuple(REGRESSION_SCHEDULES),
         "schedule.grid": GRIDS, "schedule.curriculum": tuple(CURRICULA), "schedule.pairs": tuple(PAIR_SAMPLERS),
         "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES), "student.prior": tuple(PRIORS),
@@ -346,10 +349,11 @@ def validate(recipe):
     present = dict(_flat_values(recipe))
     for key, allowed in choices().items():
         if key in present and present[key] not in allowed:
-            v = present[key]
-            close = difflib.get_close_matches(str(v), allowed, n=1)
+            v, names = present[key], [a for a in allowed if a is not None]
+            close = difflib.get_close_matches(str(v), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {v!r}{hint}")
+            null = " (or null)" if None in allowed else ""
+            raise ConfigError(f"'{key}' must be one of {', '.join(names)}{null}; got {v!r}{hint}")
     for key, v in present.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"'{key}' must be a finite number, got {v!r}")
@@ -394,6 +398,10 @@ def _check_distill(recipe: Recipe) -> None:
     if recipe.data.name == "teacher" and bc.start != "teacher":
         raise ConfigError("'data.name: teacher' trains on the teacher's own samples: it needs 'bank.start: teacher' "
                           "(trajectories from the top of the teacher's range)")
+    if recipe.data.name == "teacher" and ec.data is None and (ec.at_end or ec.curve):
+        raise ConfigError("a data-free run (data.name: teacher) is evaluated against real images: set 'eval.data' "
+                          f"(one of {', '.join(d for d in choices()['eval.data'] if d)}), or eval.at_end and "
+                          "eval.curve to false")
     if bc.num_scales is not None and bc.num_scales < 2:
         raise ConfigError("'bank.num_scales' must be at least 2 (grid points)")
     gc = recipe.guidance

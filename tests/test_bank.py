@@ -108,11 +108,20 @@ def test_data_free_distillation_trains_on_the_teachers_samples(tiny_teacher_dir,
     from cmdistill.export.pipeline import ConsistencyPipeline
 
     bank = tmp_path / "bank"
+    evaluated = ["eval.at_end=true", "eval.curve=true", "eval.data=digits", "eval.num_samples=16", "eval.batch_size=16",
+                 "eval.search_sigmas=false", "eval.baselines=[dpm++2m]", "eval.baseline_nfe=[2]"]
     run = distill_digits(tmp_path / "run", [f"teacher.path={tiny_teacher_dir}", "data.name=teacher", "bank.count=32",
-                                            "bank.start=teacher", f"bank.path={bank}", *TINY])
+                                            "bank.start=teacher", f"bank.path={bank}", *TINY, *evaluated])
     x0 = load_file(str(bank / "bank.safetensors"))["x0"]
     fn = ConsistencyPipeline.from_pretrained(run / "student").consistency_function
     torch.testing.assert_close(fn.prior_mean, x0.mean(0), atol=1e-6, rtol=1e-5)  # stored to 6 digits
+    # evaluated against the real digits named by eval.data; the checkpoint curve starts from the bank's mean too
+    report = json.loads((run / "report.json").read_text())
+    assert report["real_vs_real"] is not None and "student-1" in report["samplers"]
+    assert json.loads((run / "curve.json").read_text())["checkpoints"]
     res = CliRunner().invoke(main, ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(tmp_path / "x"),
                                     "--set", "data.name=teacher", "--set", "bank.count=8"])
     assert res.exit_code == 2 and "needs 'bank.start: teacher'" in res.stderr
+    res = CliRunner().invoke(main, ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(tmp_path / "y"),
+                                    "--set", "data.name=teacher", "--set", "bank.count=8", "--set", "bank.start=teacher"])
+    assert res.exit_code == 2 and "set 'eval.data'" in res.stderr and len(res.stderr.strip().splitlines()) == 1

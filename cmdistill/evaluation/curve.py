@@ -58,14 +58,20 @@ def student_template(run):
     """A consistency function of the run's architecture, boundary and guidance, with the run's 1-step prior mean."""
     from ..data import make_dataset, prior_mean
     from ..training.distill import attach_guidance
+    from .evaluate import EvalError
 
     r = run.recipe
     sc = r.student
     fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max)
     attach_guidance(fn, r)
     fn.eval()
-    ds = make_dataset(r.data.name, r.data.root, r.data.resolution or run.shape[1], run.shape[0])
-    mean = prior_mean(sc.prior, ds, r.data.hflip)
+    if r.data.name == "teacher":  # data-free: the mean of the bank's samples, as stored in the exported student
+        if run.pipe is None:
+            raise EvalError(f"{run.run_dir} is data-free and has no student/ to take its 1-step start from")
+        mean = run.pipe.consistency_function.prior_mean
+    else:
+        ds = make_dataset(r.data.name, r.data.root, r.data.resolution or run.shape[1], run.shape[0])
+        mean = prior_mean(sc.prior, ds, r.data.hflip)
     fn.prior_mean = None if mean is None else mean.to(run.device)
     return fn.to(run.device)
 

@@ -187,7 +187,7 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     shape = image_shape(teacher.net)
     if pipe is not None and image_shape(pipe.unet) != shape:
         raise EvalError(f"student images {image_shape(pipe.unet)} do not match the teacher's {shape}")
-    ds = make_dataset(recipe.data.name, recipe.data.root, recipe.data.resolution or shape[1], shape[0])
+    ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or shape[1], shape[0])
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
     run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher)
     if num_class_embeds(teacher.net) is not None:
@@ -195,6 +195,16 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     elif guidance_scale is not None:
         raise EvalError("--guidance-scale applies to a class-conditional run; this teacher is unconditional")
     return run
+
+
+def reference_data(recipe) -> str:
+    """The data set the samples are compared with: ``eval.data``, else the training data; a data-free run
+    (``data.name: teacher``) must name one (its training images are the teacher's own samples)."""
+    name = recipe.eval.data or recipe.data.name
+    if name == "teacher":
+        raise EvalError("this run is data-free (data.name: teacher): name the real images to compare with as "
+                        "eval.data in its recipe.yaml (digits, cifar10, or imagefolder with data.root)")
+    return name
 
 
 def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> None:
