@@ -372,6 +372,9 @@ def validate(recipe):
         raise ConfigError("'train.batch_size' must be divisible by 'train.grad_accum'")
     if isinstance(recipe, TeacherRecipe):
         _check_unet(recipe.unet)
+        if recipe.data.name == "teacher":
+            raise ConfigError("'data.name: teacher' (a teacher's own samples) is for distillation; a teacher trains "
+                              "on real images")
     else:
         _check_distill(recipe)
     return recipe

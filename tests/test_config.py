@@ -90,3 +90,14 @@ def test_lr_schedule(schedule):
     else:
         assert lrs[2] == pytest.approx(1e-3) and lrs[6] == pytest.approx(5e-4)
         assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and opt.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+
+
+def test_data_free_keys_are_checked():
+    """eval.data takes a real data set (or null); a teacher recipe cannot train on a teacher's samples."""
+    from cmdistill.config import TeacherRecipe
+
+    assert load_recipe(ROOT / "recipes" / "digits.yaml", ["eval.data=digits"]).eval.data == "digits"
+    with pytest.raises(ConfigError, match=r"'eval.data' must be one of .*\(or null\); got 'digts' \(did you mean"):
+        load_recipe(ROOT / "recipes" / "digits.yaml", ["eval.data=digts"])
+    with pytest.raises(ConfigError, match="for distillation"):
+        load_recipe(ROOT / "recipes" / "digits-teacher.yaml", ["data.name=teacher"], cls=TeacherRecipe)

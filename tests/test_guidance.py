@@ -243,3 +243,14 @@ def test_evaluate_a_conditional_run(tmp_path, monkeypatch):
     assert (run / "side_by_side-w3.png").is_file() and (run / "report.json").read_bytes() == before
     res = CliRunner().invoke(main, ["evaluate", str(run), "--num", "10", "--guidance-scale", "7"])
     assert res.exit_code == 2 and "guidance scales in [1, 4]" in res.stderr
+
+
+def test_sampling_an_unconditional_teacher_with_a_class_is_one_line(tiny_teacher_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cmdistill.cli import main
+
+    res = CliRunner().invoke(main, ["sample", "--teacher", str(tiny_teacher_dir), "--class-label", "3", "-n", "2",
+                                    "--steps", "2", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "this one is unconditional" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -98,7 +98,8 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
                          steps=(1, 2, 4), echo: Callable[[str], None] = print,
                          guidance_scale: float | None = None) -> dict:
     """Score the chosen checkpoints of ``run_dir``; write ``curve.json`` and ``curve.png``; return the curve. A
-    class-conditional run is scored over its classes in turn at ``guidance_scale`` (default: its own)."""
+    class-conditional run is scored over its classes in turn at ``guidance_scale`` (default: its own; an explicit
+    one writes ``curve-wW.json``/``.png``)."""
     from .evaluate import load_run_without_student
 
     run_dir = Path(run_dir)
@@ -128,9 +129,10 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
         curve["checkpoints"].append(row)
         echo(f"{ckpt.name}: " + "; ".join(f"{k}-step FID {row[str(k)]['fid']:.3f} precision "
                                          f"{row[str(k)]['precision']:.3f}" for k in steps))
-    (run_dir / "curve.json").write_text(json.dumps(curve, indent=2) + "\n")
-    plot_curve(curve, run_dir / "curve.png")
-    echo(f"curve written to {run_dir / 'curve.json'} and {run_dir / 'curve.png'}")
+    suffix = f"-w{run.guidance_scale:g}" if guidance_scale is not None else ""  # an explicit w keeps the run's own
+    (run_dir / f"curve{suffix}.json").write_text(json.dumps(curve, indent=2) + "\n")
+    plot_curve(curve, run_dir / f"curve{suffix}.png")
+    echo(f"curve written to {run_dir / f'curve{suffix}.json'} and {run_dir / f'curve{suffix}.png'}")
     return curve
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING
-from ..core.tensors import image_shape
+from ..core.tensors import image_shape, num_class_embeds
 from ..export.pipeline import ConsistencyPipeline, check_student_folder
 from ..images import save_grid, save_png, to_uint8
 
@@ -138,6 +138,12 @@ def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, se
     if class_label is not None or guidance_scale is not None:
         if class_label is None:
             raise SampleError("--guidance-scale needs --class-label (classifier-free guidance of a class)")
+        n = num_class_embeds(teacher.net)
+        if n is None:
+            raise SampleError("--class-label and --guidance-scale need a class-conditional teacher; this one is "
+                              "unconditional")
+        if not 0 <= int(class_label) < n:
+            raise SampleError(f"--class-label {class_label} is out of range: the teacher embeds classes 0-{n - 1}")
         try:
             teacher = guide(teacher, guidance_scale)
         except ValueError as e:

@@ -68,8 +68,15 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def teacher_fingerprint(teacher: torch.nn.Module, null_class: Optional[int] = None) -> str:
+    """:func:`fingerprint` of the teacher's network, its adapter (scheduler: betas, prediction type, ...) and the
+    null class its guidance uses: what turns noise into the teacher's ODE solutions besides the bank's own keys."""
+    extra = json.dumps({"adapter": teacher.adapter_config(), "null_class": null_class}, sort_keys=True, default=str)
+    return hashlib.sha256((fingerprint(teacher.net) + extra).encode()).hexdigest()
 
 
 def tensor_sha256(t: Optional[torch.Tensor]) -> Optional[str]:

@@ -91,7 +91,10 @@ def attach_guidance(student, recipe: Recipe) -> None:
 
     gc = recipe.guidance
     if gc.w_min is not None:
-        student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
+        try:
+            student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
+        except ValueError as e:  # a network without a diffusers time embedding to add w to
+            raise ConfigError(f"'guidance.w_min'/'w_max' need a w embedding: {e}") from None
         student.guidance_range = (float(gc.w_min), float(gc.w_max))
     if gc.w_min is not None or gc.scale != 1.0:
         student.guidance_scale = float(gc.scale)
@@ -164,10 +167,11 @@ class Distillation:
 
     def bank_spec(self, mean, classes: int | None):
         """What the recipe's trajectory bank must hold (:class:`~cmdistill.training.bank.BankSpec`)."""
-        from .bank import BankSpec, fingerprint, tensor_sha256
+        from .bank import BankSpec, teacher_fingerprint, tensor_sha256
 
         r, bc = self.recipe, self.recipe.bank
-        return BankSpec(teacher=str(r.teacher.path), teacher_fingerprint=fingerprint(self.teacher.net),
+        null = getattr(self.pair_teacher, "null_class", None)
+        return BankSpec(teacher=str(r.teacher.path), teacher_fingerprint=teacher_fingerprint(self.teacher, null),
                         start=bc.start, solver=bc.solver, num_scales=bc.num_scales or r.schedule.num_scales,
                         rho=float(r.schedule.rho), sigma_min=float(self.student.sigma_min),
                         sigma_max=float(self.student.sigma_max),
