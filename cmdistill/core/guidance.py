@@ -112,7 +112,8 @@ def time_embedding_dim(net: nn.Module) -> int:
 @contextmanager
 def added_to_time_embedding(net: nn.Module, extra: torch.Tensor):
     """Within the block, ``net.time_embedding(t)`` returns ``time_embedding(t) + extra`` (``extra``: ``[B, dim]``)."""
-    handle = net.time_embedding.register_forward_hook(lambda module, args, out: out + extra.to(out.dtype))
+    handle = net.time_embedding.register_forward_hook(
+        lambda module, args, out: out + extra.to(out.device, out.dtype))
     try:
         yield
     finally:

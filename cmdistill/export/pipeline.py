@@ -321,19 +321,32 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
     fn = pipe.consistency_function
     c, h, w = image_shape(pipe.unet)
     stored = pipe.config.multistep_sigmas or {}
+    conditional = num_class_embeds(pipe.unet) is not None
+    tag = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
+    call = "batch_size=16, num_inference_steps=1" + (", class_labels=3" if conditional else "")
+    if fn.guidance_range is not None:
+        call += f", guidance_scale={fn.guidance_scale:g}"
+        about_w = (f" It takes the classifier-free guidance scale as an input: any `guidance_scale` in "
+                   f"[{fn.guidance_range[0]:g}, {fn.guidance_range[1]:g}] (default {fn.guidance_scale:g}).")
+    elif fn.guidance_scale is not None:
+        about_w = f" Classifier-free guidance at w = {fn.guidance_scale:g} is built in."
+    else:
+        about_w = ""
     lines = [
-        "---", "library_name: diffusers", "tags: [consistency-model, cmdistill, unconditional-image-generation]", "---",
+        "---", "library_name: diffusers", f"tags: [consistency-model, cmdistill, {tag}]", "---",
         "", f"# Consistency model distilled from `{teacher}`", "",
         f"A 1-4 step consistency model (Song et al. 2023, \"Consistency Models\", Algorithm 2) distilled with "
         f"cmdistill from the diffusers teacher `{teacher}` with the recipe `{recipe}`"
         + (f" for {steps} optimiser steps" if steps else "") + ". It generates "
         f"{c}x{h}x{w} images; its noise range is sigma in ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}] "
         f"(EDM units), boundary `{fn.boundary}`"
-        + (", sampling starts from the data mean plus noise" if fn.prior_mean is not None else "") + ".", "",
+        + (", sampling starts from the data mean plus noise" if fn.prior_mean is not None else "") + "."
+        + (" It is class-conditional (`class_labels`: one int, a list or a tensor)." if conditional else "")
+        + about_w, "",
         "## Use", "", "```python", "import cmdistill  # registers ConsistencyPipeline with diffusers",
         "from diffusers import DiffusionPipeline", "",
         "pipe = DiffusionPipeline.from_pretrained(\"path/to/this/folder\")",
-        "images = pipe(batch_size=16, num_inference_steps=1).images  # 1-4 steps", "```", "",
+        f"images = pipe({call}).images  # 1-4 steps", "```", "",
         "Stored multistep noise levels: "
         + ("; ".join(f"{k} steps {[round(float(s), 4) for s in v]}" for k, v in stored.items()) or "defaults") + ".",
         "", CARD_EVALUATION, "",
