@@ -130,3 +130,12 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def write_rows(path, rows: list[dict], num_samples: int, t0: float) -> dict:
+    """The result of a CPU quality benchmark (its rows, the machine, the sample count, the seconds since ``t0``),
+    written to ``path`` as JSON when given; returned."""
+    result = {"machine": machine(torch.device("cpu")), "num_samples": num_samples,
+              "seconds": time.perf_counter() - t0, "rows": rows}
+    write_json(path, result)
+    return result

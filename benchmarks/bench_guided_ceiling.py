@@ -8,7 +8,6 @@ Digits FID (1000 samples from seed 0, classes in turn, against the 1797 real dig
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -54,11 +53,7 @@ def main(argv=None):
             x = x.clamp(-1, 1)
             rows.append({"w": w, "sampler": name, "fid": fid(x), "class_accuracy": accuracy(clf, x, labels)})
             print(f"w {w:g}  {name:24s} FID {rows[-1]['fid']:.3f}  acc {rows[-1]['class_accuracy']:.3f}", flush=True)
-    result = {"machine": C.machine(torch.device("cpu")), "num_samples": a.num,
-              "seconds": time.perf_counter() - t0, "rows": rows}
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
-    return result
+    return C.write_rows(a.json, rows, a.num, t0)
 
 
 if __name__ == "__main__":

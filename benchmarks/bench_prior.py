@@ -12,7 +12,6 @@ Digits FID, 1000 samples from seed 0 against the 1797 real digits (what ``cmdist
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -70,11 +69,7 @@ def main(argv=None):
         rows.append(row)
         print(f"sigma_max {s:7.2f}  start {start:9s}  N {n:2d}  {solver} x{sub}  NFE {row['teacher_nfe']:3d}  "
               f"FID {row['fid']:.3f}", flush=True)
-    result = {"machine": C.machine(torch.device("cpu")), "num_samples": a.num,
-              "seconds": time.perf_counter() - t0, "rows": rows}
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
-    return result
+    return C.write_rows(a.json, rows, a.num, t0)
 
 
 if __name__ == "__main__":
