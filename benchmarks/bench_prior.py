@@ -47,7 +47,7 @@ def main(argv=None):
 
     teacher = load_teacher(str(TEACHER)).eval()
     ds = make_dataset("digits", "", 8, 1)
-    real = torch.stack([x for (x,) in ds])
+    real = torch.stack([item[0] for item in ds])  # digits yield (image, label)
     fid = FIDMeter("digits", "cpu", 500, [TEACHER / "classifier"]).add_real(real)
     z = torch.randn(a.num, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     flat = real.flatten(1).double()
