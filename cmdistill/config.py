@@ -89,6 +89,7 @@ class StudentConfig:
     ema_update_after_step: int = 0
     sigma_max: Optional[float] = None      # top of the student's range (Karras grid, 1-step start); null: teacher's
     prior: str = "zero"                    # 1-step start: zero (CM, sigma_max z) | data_mean (mu + sigma_max z)
+    parametrization: str = "denoiser"      # F: denoiser (the teacher's D) | v (TrigFlow v head, bounded output)
 
 
 @dataclass
@@ -238,6 +239,7 @@ def choices() -> dict[str, tuple]:
     from .core.consistency import BOUNDARIES
     from .core.denoisers import ADAPTERS, PREDICTION_TYPES
     from .core.losses import DISTANCES, LPIPS_NETS, WEIGHTINGS
+    from .core.parametrizations import PARAMETRIZATIONS
     from .core.schedules import BETA_SCHEDULES, CURRICULA, GRIDS, PAIR_SAMPLERS, TIMESTEP_SPACINGS
     from .core.solvers import SOLVERS
     from .core.tensors import DTYPES
@@ -252,7 +254,8 @@ def choices() -> dict[str, tuple]:
         "eval.data": (None, *DATASETS),
         "bank.start": BANK_STARTS, "bank.solver": tuple(SOLVERS), "loss.regression_schedule": tuple(REGRESSION_SCHEDULES),
         "schedule.grid": GRIDS, "schedule.curriculum": tuple(CURRICULA), "schedule.pairs": tuple(PAIR_SAMPLERS),
-        "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES), "student.prior": tuple(PRIORS),
+        "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES),
+        "student.parametrization": tuple(PARAMETRIZATIONS), "student.prior": tuple(PRIORS),
         "loss.distance": tuple(DISTANCES), "loss.lpips_net": LPIPS_NETS, "loss.weighting": tuple(WEIGHTINGS),
         "optim.name": tuple(OPTIMIZERS), "optim.lr_schedule": tuple(LR_SCHEDULES),
         "train.mixed_precision": MIXED_PRECISION, "train.on_nonfinite": NONFINITE_MODES,

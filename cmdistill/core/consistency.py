@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .guidance import added_to_time_embedding
+from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
 from .tensors import append_dims, as_sigma, promote
 
@@ -42,17 +43,22 @@ DEFAULT_BOUNDARY = "lcm"
 class ConsistencyFunction(nn.Module):
     """``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(x, sigma)`` with ``F`` a denoiser (CM eq. 5).
 
-    ``F`` is the teacher's adapter around a copy of the teacher's network, so it satisfies the denoiser
-    contract; ``f`` does too, which lets samplers treat the student like any other denoiser.
+    ``F`` reads the network of the teacher's adapter (a copy of the teacher's) through the parametrisation named
+    ``parametrization`` (:mod:`.parametrizations`), so it satisfies the denoiser contract; ``f`` does too, which
+    lets samplers treat the student like any other denoiser.
     """
 
     def __init__(self, denoiser: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_min: float | None = None,
-                 sigma_data: float = 0.5, boundary_scale: float = 10.0, sigma_max: float | None = None):
+                 sigma_data: float = 0.5, boundary_scale: float = 10.0, sigma_max: float | None = None,
+                 parametrization: str = DEFAULT_PARAMETRIZATION):
         super().__init__()
         if boundary not in BOUNDARIES:
             raise ValueError(f"unknown boundary {boundary!r}; choose one of {sorted(BOUNDARIES)}")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {sorted(PARAMETRIZATIONS)}")
         self.denoiser = denoiser
         self.boundary = boundary
+        self.parametrization = parametrization
         self.boundary_scale = float(boundary_scale)
         self.sigma_min = float(denoiser.sigma_min if sigma_min is None else sigma_min)
         self.sigma_max = float(denoiser.sigma_max if sigma_max is None else sigma_max)
@@ -76,16 +82,18 @@ class ConsistencyFunction(nn.Module):
         return c_skip * x + c_out * self.denoise(x, sigma, guidance_scale, **cond)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, guidance_scale=None, **cond) -> torch.Tensor:
-        """``F(x, sigma)``; for a student with a guidance embedding, at scale ``guidance_scale`` (a float or one per
-        sample; ``None``: its default ``self.guidance_scale``), added to the network's time embedding."""
+        """``F(x, sigma)`` under the student's parametrisation; for a student with a guidance embedding, at scale
+        ``guidance_scale`` (a float or one per sample; ``None``: its default ``self.guidance_scale``), added to the
+        network's time embedding."""
+        param = PARAMETRIZATIONS[self.parametrization]
         if self.guidance_embedding is None:
             if guidance_scale is not None:
                 raise ValueError("this consistency function has no guidance embedding: call it without guidance_scale")
-            return self.denoiser(x, sigma, **cond)
+            return param(self.denoiser, x, sigma, **cond)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         w = torch.as_tensor(w, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         with added_to_time_embedding(self.denoiser.net, self.guidance_embedding(w)):
-            return self.denoiser(x, sigma, **cond)
+            return param(self.denoiser, x, sigma, **cond)
 
     def start(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
         """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + sigma z`` (:func:`start_sample`)."""
@@ -93,7 +101,7 @@ class ConsistencyFunction(nn.Module):
 
     def consistency_config(self) -> dict:
         cfg = {"boundary": self.boundary, "boundary_scale": self.boundary_scale, "sigma_min": self.sigma_min,
-               "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+               "sigma_max": self.sigma_max, "sigma_data": self.sigma_data, "parametrization": self.parametrization}
         if self.guidance_scale is not None:
             cfg["guidance_scale"] = self.guidance_scale
         if self.guidance_range is not None:
@@ -105,16 +113,18 @@ class ConsistencyFunction(nn.Module):
 
 
 def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_data: float = 0.5,
-                 boundary_scale: float = 10.0, sigma_max: float | None = None) -> ConsistencyFunction:
+                 boundary_scale: float = 10.0, sigma_max: float | None = None,
+                 parametrization: str = DEFAULT_PARAMETRIZATION) -> ConsistencyFunction:
     """Student = the teacher's adapter around a *copy* of the teacher network, with the boundary condition on
     top, so that it starts as the teacher's one-step denoiser (as LCM, Luo et al. 2023, initialises from the
     teacher). The copy is trainable, in fp32 whatever the teacher's dtype; the teacher is untouched. ``sigma_max`` (default: the teacher's)
-    caps the student's range: where its 1-step sampler starts and the top of its training grid."""
+    caps the student's range: where its 1-step sampler starts and the top of its training grid. ``parametrization``
+    names how the network's output becomes ``F`` (:mod:`.parametrizations`)."""
     den = copy.deepcopy(teacher)
     den.net.to(torch.float32)  # fp32 master weights (a half-precision teacher copy would start rounded)
     den.requires_grad_(True).train()
     return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale,
-                               sigma_max=sigma_max)
+                               sigma_max=sigma_max, parametrization=parametrization)
 
 
 def make_target(student: nn.Module) -> nn.Module:

@@ -67,6 +67,14 @@ class Denoiser(nn.Module):
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
         return out.to(x_in.dtype)
 
+    def net_output(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        """The network's raw output at ``(x, sigma)``, with this adapter's input scaling and time conditioning (what
+        a parametrisation other than ``D`` reads, :mod:`cmdistill.core.parametrizations`)."""
+        x = promote(x)
+        sigma = as_sigma(sigma, x)
+        self.check_range(sigma)
+        return self.run_net(x * append_dims(self.c_in(sigma), x.ndim), self.c_noise(sigma), **cond)
+
     def adapter_config(self) -> dict[str, Any]:
         """Everything needed to rebuild this adapter around a network (see :func:`build_denoiser`)."""
         raise NotImplementedError
@@ -83,6 +91,7 @@ class DDPMDenoiser(Denoiser):
     """
 
     kind = "ddpm"
+    unit_std = 1.0  # VP: x_vp = x / sqrt(1 + sigma^2) has unit variance at every sigma (for unit-variance data)
 
     def __init__(self, net: nn.Module, scheduler_config: dict[str, Any], strict_range: bool = True):
         super().__init__(net, strict_range)
@@ -126,13 +135,18 @@ class DDPMDenoiser(Denoiser):
         w = ((log_s - tab[lo]) / (tab[hi] - tab[lo])).clamp(0, 1)
         return (lo.double() + w).to(sigma.dtype)
 
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (sigma**2 + 1.0).sqrt()
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.sigma_to_t(sigma)
+
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         x = promote(x)
         sigma = as_sigma(sigma, x)
-        self.check_range(sigma)
+        out = self.net_output(x, sigma, **cond)
         s = append_dims(sigma, x.ndim)
-        c_in = 1.0 / (s**2 + 1.0).sqrt()
-        out = self.run_net(x * c_in, self.sigma_to_t(sigma), **cond)
+        c_in = append_dims(self.c_in(sigma), x.ndim)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
@@ -166,17 +180,25 @@ class EDMDenoiser(Denoiser):
             if k in cfg
         }
 
+    @property
+    def unit_std(self) -> float:
+        return self.sigma_data
+
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (sigma**2 + self.sigma_data**2).sqrt()
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.25 * sigma.log()
+
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         x = promote(x)
         sigma = as_sigma(sigma, x)
-        self.check_range(sigma)
+        out = self.net_output(x, sigma, **cond)
         s, sd = append_dims(sigma, x.ndim), self.sigma_data
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
         if self.prediction_type == "v_prediction":
             c_out = -c_out
-        c_in = 1.0 / (s**2 + sd**2).sqrt()
-        out = self.run_net(x * c_in, 0.25 * sigma.log(), **cond)
         return c_skip * x + c_out * out
 
     def adapter_config(self) -> dict[str, Any]:

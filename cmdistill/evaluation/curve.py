@@ -62,7 +62,8 @@ def student_template(run):
 
     r = run.recipe
     sc = r.student
-    fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max)
+    fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
+                      sc.parametrization)
     attach_guidance(fn, r)
     fn.eval()
     if r.data.name == "teacher":  # data-free: the mean of the bank's samples, as stored in the exported student

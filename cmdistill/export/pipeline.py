@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction
+from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.denoisers import build_denoiser
 from ..core.guidance import GuidanceEmbedding
 from ..core.sampling import default_multistep_sigmas, sample_consistency
@@ -141,7 +142,8 @@ class ConsistencyPipeline(DiffusionPipeline):
             den = build_denoiser(self.unet, ad["scheduler"], ad["kind"], strict_range=False)
             fn = ConsistencyFunction(den, boundary=cc.get("boundary", DEFAULT_BOUNDARY), sigma_min=cc.get("sigma_min"),
                                      sigma_data=cc.get("sigma_data", 0.5),
-                                     boundary_scale=cc.get("boundary_scale", 10.0))
+                                     boundary_scale=cc.get("boundary_scale", 10.0),
+                                     parametrization=cc.get("parametrization", DEFAULT_PARAMETRIZATION))
             if "sigma_max" in cc:
                 fn.sigma_max = float(cc["sigma_max"])
             fn.guidance_scale = cc.get("guidance_scale")

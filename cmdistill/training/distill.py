@@ -42,7 +42,8 @@ def build_models(recipe: Recipe, device):
     if sc.sigma_max is not None and not teacher.sigma_min < sc.sigma_max <= teacher.sigma_max:
         raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
                           f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
-    student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max).to(device)
+    student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
+                           sc.parametrization).to(device)
     attach_guidance(student, recipe)
     teacher.net.to(DTYPES[recipe.teacher.dtype])  # no gradients flow through the teacher
     target = make_target(student)
