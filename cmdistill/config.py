@@ -47,6 +47,8 @@ class ScheduleConfig:
     rho: float = 7.0
     skip: int = 20                         # teacher grid: step between timesteps (LCM's k)
     pairs: str = "uniform"                 # uniform | lognormal
+    gap: str = "constant"                  # pair gap in grid intervals: constant (1, CM) | ect_halving (gap_start..1)
+    gap_start: int = 4                     # ect_halving: the first gap, halved in equal stages down to 1
     p_mean: float = -1.1                   # lognormal pair sampling (iCT)
     p_std: float = 2.0
 
@@ -75,7 +77,8 @@ class BankConfig:
 @dataclass
 class SolverConfig:
     name: str = "heun"                     # heun | euler | ddim
-    substeps: int = 1                      # teacher sub-steps per pair
+    substeps: int = 1                      # teacher sub-steps per pair (times the pair gap)
+    substep_schedule: str = "constant"     # constant | doubling (1, 2, 4 .. substeps in equal stages; Multistep CM)
 
 
 @dataclass
@@ -240,7 +243,8 @@ def choices() -> dict[str, tuple]:
     from .core.denoisers import ADAPTERS, PREDICTION_TYPES
     from .core.losses import DISTANCES, LPIPS_NETS, WEIGHTINGS
     from .core.parametrizations import PARAMETRIZATIONS
-    from .core.schedules import BETA_SCHEDULES, CURRICULA, GRIDS, PAIR_SAMPLERS, TIMESTEP_SPACINGS
+    from .core.schedules import (BETA_SCHEDULES, CURRICULA, GAP_CURRICULA, GRIDS, PAIR_SAMPLERS, SUBSTEP_SCHEDULES,
+                                 TIMESTEP_SPACINGS)
     from .core.solvers import SOLVERS
     from .core.tensors import DTYPES
     from .data import DATASETS, PRIORS
@@ -254,6 +258,7 @@ def choices() -> dict[str, tuple]:
         "eval.data": (None, *DATASETS),
         "bank.start": BANK_STARTS, "bank.solver": tuple(SOLVERS), "loss.regression_schedule": tuple(REGRESSION_SCHEDULES),
         "schedule.grid": GRIDS, "schedule.curriculum": tuple(CURRICULA), "schedule.pairs": tuple(PAIR_SAMPLERS),
+        "schedule.gap": tuple(GAP_CURRICULA), "solver.substep_schedule": tuple(SUBSTEP_SCHEDULES),
         "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES),
         "student.parametrization": tuple(PARAMETRIZATIONS), "student.prior": tuple(PRIORS),
         "loss.distance": tuple(DISTANCES), "loss.lpips_net": LPIPS_NETS, "loss.weighting": tuple(WEIGHTINGS),
@@ -266,6 +271,7 @@ def choices() -> dict[str, tuple]:
 
 # keys that exist in only one recipe are checked where they exist
 POSITIVE = {"schedule.num_scales", "schedule.num_scales_start", "schedule.skip", "solver.substeps",
+            "schedule.gap_start",
             "train.batch_size", "train.grad_accum", "train.max_steps", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "train.sample_every", "train.num_sample_images", "optim.lr",
             "eval.num_samples", "eval.batch_size", "eval.seeds", "train.sample_steps", "unet.sample_size", "unet.in_channels",

@@ -94,3 +94,45 @@ def test_pair_schedule_samples_adjacent_pairs():
     assert torch.allclose(grid[idx], hi) and torch.allclose(grid[idx + 1], lo)
     counts = torch.bincount(idx, minlength=9)
     assert counts.min() > 60  # uniform over 9 intervals
+
+
+def test_ect_gap_halves_to_adjacent_pairs():
+    """ect_halving: gaps 4, 2, 1 in three equal stages; pairs sit `gap` grid points apart, clamped at sigma_min."""
+    from cmdistill.core.schedules import ect_halving_gap
+
+    K = 900
+    assert [ect_halving_gap(k, K, 4) for k in (0, 299, 300, 599, 600, 899)] == [4, 4, 2, 2, 1, 1]
+    assert ect_halving_gap(0, K, 1) == 1
+    torch.manual_seed(0)
+    ps = PairSchedule("karras", 0.01, 5.0, 8, total_steps=K, gap="ect_halving", gap_start=4)
+    grid = karras_grid(8, 0.01, 5.0)
+    for step, gap in ((0, 4), (450, 2), (899, 1)):
+        hi, lo = ps.sample(500, step)
+        idx = torch.searchsorted(-grid, -hi)
+        assert torch.equal(lo, grid[(idx + gap).clamp_max(7)])
+        assert ps.gap_at(step) == gap
+    assert PairSchedule("karras", 0.01, 5.0, 8).gap_at(0) == 1  # the default is CM's adjacent pairs
+
+
+def test_substep_schedules():
+    from cmdistill.core.schedules import SUBSTEP_SCHEDULES
+
+    K = 600
+    assert [SUBSTEP_SCHEDULES["doubling"](k, K, 4) for k in (0, 199, 200, 399, 400, 599)] == [1, 1, 2, 2, 4, 4]
+    assert [SUBSTEP_SCHEDULES["constant"](k, K, 3) for k in (0, 599)] == [3, 3]
+    assert SUBSTEP_SCHEDULES["doubling"](599, K, 1) == 1
+
+
+def test_distill_step_solves_a_wide_gap_with_more_substeps():
+    """The loop's teacher sub-steps: the substep schedule times the pair gap."""
+    import types
+
+    from cmdistill.config import load_recipe
+    from cmdistill.training.distill import Distillation
+
+    r = load_recipe(None, ["solver.substeps=2", "solver.substep_schedule=doubling", "schedule.gap=ect_halving",
+                           "schedule.gap_start=4", "train.max_steps=900", "schedule.num_scales=8"])
+    fake = types.SimpleNamespace(recipe=r, pairs=PairSchedule("karras", 0.01, 5.0, 8, total_steps=900,
+                                                               gap="ect_halving", gap_start=4))
+    got = [Distillation.substeps(fake, k) for k in (0, 300, 450, 899)]
+    assert got == [1 * 4, 1 * 2, 2 * 2, 2 * 1]

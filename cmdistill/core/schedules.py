@@ -147,10 +147,11 @@ PAIR_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def sample_pairs(grid: torch.Tensor, probs: torch.Tensor, batch: int, generator=None):
-    """Draw ``batch`` interval indices ``n`` and return ``(sigma_hi, sigma_lo) = (grid[n], grid[n+1])``."""
+def sample_pairs(grid: torch.Tensor, probs: torch.Tensor, batch: int, generator=None, gap: int = 1):
+    """Draw ``batch`` interval indices ``n`` and return ``(sigma_hi, sigma_lo) = (grid[n], grid[n + gap])``, the
+    lower end clamped to the grid's last point."""
     n = torch.multinomial(probs, batch, replacement=True, generator=generator)
-    return grid[n], grid[n + 1]
+    return grid[n], grid[(n + gap).clamp_max(len(grid) - 1)]
 
 
 # --------------------------------------------------------------------------- N curricula
@@ -177,17 +178,61 @@ CURRICULA: dict[str, Callable[[int, int, int, int], int]] = {
 }
 
 
+# --------------------------------------------------------------------------- pair-gap and teacher sub-step curricula
+
+
+def doubling_stage(step: int, total_steps: int, top: int) -> int:
+    """``2^floor(step / K')`` capped at ``top``, with ``K' = floor(K / (log2(top) + 1))``: the stage multiplier of
+    iCT's eq. (6), so each of the ``log2(top) + 1`` stages gets an equal share of the run."""
+    k_prime = max(1, math.floor(total_steps / (math.log2(max(top, 1)) + 1)))
+    return min(2 ** (step // k_prime), top)
+
+
+def constant_gap(step: int, total_steps: int, gap_start: int) -> int:
+    """CM's pairs: adjacent grid points (a gap of one interval) throughout."""
+    return 1
+
+
+def ect_halving_gap(step: int, total_steps: int, gap_start: int) -> int:
+    """ECT's shrinking pair gap (Geng et al. 2024, arXiv:2406.14548, Sec. 3: ``dt`` divided by ``q = 2`` every
+    ``d`` iterations), on the grid: the pair ``(grid[n], grid[n + k])`` with ``k`` halving from ``gap_start`` to 1
+    in equal stages. A wide gap early asks the student to match the teacher over a long stretch of its ODE; the
+    run ends on CM's adjacent pairs."""
+    return max(1, gap_start // doubling_stage(step, total_steps, gap_start))
+
+
+GAP_CURRICULA: dict[str, Callable[[int, int, int], int]] = {"constant": constant_gap, "ect_halving": ect_halving_gap}
+
+
+def constant_substeps(step: int, total_steps: int, substeps: int) -> int:
+    """The teacher's sub-steps per pair as set (``solver.substeps``)."""
+    return substeps
+
+
+def doubling_substeps(step: int, total_steps: int, substeps: int) -> int:
+    """Teacher sub-step annealing (after Multistep CM, Heek et al. 2024, arXiv:2403.06807, Table 2, which anneals
+    the teacher's step size from coarse to fine): 1, 2, 4, ... up to ``solver.substeps`` sub-steps per pair in
+    equal stages; cheap, coarse teacher targets early, accurate ones at the end."""
+    return doubling_stage(step, total_steps, substeps)
+
+
+SUBSTEP_SCHEDULES: dict[str, Callable[[int, int, int], int]] = {"constant": constant_substeps,
+                                                                 "doubling": doubling_substeps}
+
+
 GRIDS = ("karras", "teacher")
 
 
 class PairSchedule:
     """Everything that picks ``(sigma_hi, sigma_lo)`` for a training step, built from the recipe:
     a grid (``karras`` with N from a curriculum, or the ``teacher``'s own grid with skip k) and a pair
-    distribution (``uniform`` or ``lognormal``)."""
+    distribution (``uniform`` or ``lognormal``) over its intervals, whose lower end lies ``gap`` grid points
+    below (:data:`GAP_CURRICULA`; clamped to the grid's last point, ``sigma_min``)."""
 
     def __init__(self, grid: str, sigma_min: float, sigma_max: float, num_scales: int, rho: float = 7.0,
                  curriculum: str = "constant", num_scales_start: int = 10, total_steps: int = 1,
-                 pairs: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0, table=None, skip: int = 1):
+                 pairs: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0, table=None, skip: int = 1,
+                 gap: str = "constant", gap_start: int = 1):
         if grid not in GRIDS:
             raise ValueError(f"unknown grid {grid!r}")
         if grid == "teacher" and table is None:
@@ -196,10 +241,12 @@ class PairSchedule:
             raise ValueError(f"unknown curriculum {curriculum!r}; choose one of {sorted(CURRICULA)}")
         if pairs not in PAIR_SAMPLERS:
             raise ValueError(f"unknown pair sampling {pairs!r}; choose one of {sorted(PAIR_SAMPLERS)}")
+        if gap not in GAP_CURRICULA:
+            raise ValueError(f"unknown pair gap {gap!r}; choose one of {sorted(GAP_CURRICULA)}")
         self.grid, self.sigma_min, self.sigma_max, self.rho = grid, sigma_min, sigma_max, rho
         self.num_scales, self.num_scales_start, self.curriculum = num_scales, num_scales_start, curriculum
         self.total_steps, self.pairs, self.p_mean, self.p_std = total_steps, pairs, p_mean, p_std
-        self.table, self.skip = table, skip
+        self.table, self.skip, self.gap, self.gap_start = table, skip, gap, gap_start
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def num_points(self, step: int) -> int:
@@ -216,8 +263,12 @@ class PairSchedule:
             self._cache = (n, g, PAIR_SAMPLERS[self.pairs](g, **kw))
         return self._cache[1], self._cache[2]
 
+    def gap_at(self, step: int) -> int:
+        """Grid intervals between the two points of a pair at ``step``."""
+        return GAP_CURRICULA[self.gap](step, self.total_steps, self.gap_start)
+
     def sample(self, batch: int, step: int, device=None):
         """``(sigma_hi, sigma_lo)``, each ``[batch]`` fp32 on ``device`` (CM Algorithm 2, line 3)."""
         grid, probs = self.grid_and_probs(step)
-        hi, lo = sample_pairs(grid, probs, batch)
+        hi, lo = sample_pairs(grid, probs, batch, gap=self.gap_at(step))
         return hi.to(device), lo.to(device)

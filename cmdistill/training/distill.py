@@ -78,7 +78,7 @@ def build_pairs(recipe: Recipe, teacher, student) -> PairSchedule:
     sch, steps = recipe.schedule, recipe.train.max_steps
     pairs = PairSchedule(sch.grid, teacher.sigma_min, student.sigma_max, sch.num_scales, sch.rho, sch.curriculum,
                          sch.num_scales_start, steps, sch.pairs, sch.p_mean, sch.p_std,
-                         getattr(teacher, "sigma_table", None), sch.skip)
+                         getattr(teacher, "sigma_table", None), sch.skip, sch.gap, sch.gap_start)
     for at in (0, steps):
         teacher.check_range(pairs.grid_and_probs(at)[0])
     return pairs
@@ -205,9 +205,10 @@ class Distillation:
         return [f"teacher: {r.teacher.path} ({t.kind}, {getattr(t, 'prediction_type', '?')}, sigma "
                 f"{t.sigma_min:.4g}..{t.sigma_max:.4g}, {n_params:.2f} M parameters, {r.teacher.dtype})",
                 f"data: {r.data.name}, {len(self.dataset)} images of {c}x{h}x{w}" + (", hflip" if r.data.hflip else ""),
-                f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, prior "
-                f"{r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} points, {r.solver.name} "
-                f"teacher steps; loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"
+                f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, F "
+                f"{fn.parametrization}, prior {r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} "
+                f"points (gap {sch.gap}), {r.solver.name} teacher steps ({r.solver.substeps} per pair, "
+                f"{r.solver.substep_schedule}); loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"
                 + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else ""),
                 self.ema_text()]
 
@@ -248,11 +249,20 @@ class Distillation:
         x0, cond = self.next_batch()
         sigma_hi, sigma_lo = (to_device(t, self.acc.device) for t in self.pairs.sample(x0.shape[0], step))
         loss = cd_loss(self.model, self.target, self.pair_teacher, x0, sigma_hi, sigma_lo, self.distance,
-                       self.weighting, self.recipe.solver.name, self.recipe.solver.substeps, **cond).loss
+                       self.weighting, self.recipe.solver.name, self.substeps(step), **cond).loss
         weight = self.regression_weight(step)
         if weight > 0:
             loss = loss + weight * self.regression_loss(x0.shape[0])
         return loss
+
+    def substeps(self, step: int) -> int:
+        """The teacher's sub-steps for this step's pairs: ``solver.substep_schedule`` of ``solver.substeps``, times
+        the pair gap (a pair ``k`` intervals apart is solved with ``k`` times the sub-steps of an adjacent one)."""
+        from ..core.schedules import SUBSTEP_SCHEDULES
+
+        sc = self.recipe.solver
+        per_pair = SUBSTEP_SCHEDULES[sc.substep_schedule](step, self.recipe.train.max_steps, sc.substeps)
+        return per_pair * self.pairs.gap_at(step)
 
     def regression_weight(self, step: int) -> float:
         """``loss.regression_weight`` times its schedule at this step."""
