@@ -5,7 +5,8 @@ student's ``consistency`` config, so :class:`~cmdistill.export.pipeline.Consiste
 - ``denoiser`` (the default): ``F`` is the teacher adapter's own ``D(x, sigma)`` (LCM, Luo et al. 2023), so the student
   starts exactly as the teacher's one-step denoiser. For an epsilon teacher ``D = x - sigma eps``: an error ``e`` in the
   network's output becomes ``sigma e`` in ``F`` (x157 at the top of google/ddpm-cifar10-32's range).
-- ``v``: the network's output ``o`` is read as a velocity (TrigFlow's ``F``, Lu & Song 2024, arXiv:2410.11081), at the teacher's own input scaling and time conditioning (its SNR, as sCM/rCM match a teacher):
+- ``v``: the network's output ``o`` is read as a velocity (TrigFlow's ``F``, Lu & Song 2024, arXiv:2410.11081), at the
+  teacher's own input scaling and time conditioning (its SNR, as sCM/rCM match a teacher):
   ``F = s^2 / (sigma^2 + s^2) x - sigma s / sqrt(sigma^2 + s^2) o`` with ``s`` the adapter's unit
   (:attr:`~cmdistill.core.denoisers.Denoiser.unit_std`: 1 for a VP teacher, ``sigma_data`` for EDM). The factor on
   ``o`` never exceeds ``s``, whatever sigma. For a v-prediction teacher this *is* its denoiser; an epsilon teacher's
