@@ -146,11 +146,11 @@ class DDPMDenoiser(Denoiser):
         sigma = as_sigma(sigma, x)
         out = self.net_output(x, sigma, **cond)
         s = append_dims(sigma, x.ndim)
-        c_in = append_dims(self.c_in(sigma), x.ndim)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
             # x_vp = a x0 + b eps, v = a eps - b x0, a = c_in, b = sigma c_in  =>  x0 = a x_vp - b v
+            c_in = append_dims(self.c_in(sigma), x.ndim)
             return c_in**2 * x - s * c_in * out
         return out
 

@@ -157,6 +157,12 @@ def sample_pairs(grid: torch.Tensor, probs: torch.Tensor, batch: int, generator=
 # --------------------------------------------------------------------------- N curricula
 
 
+def stage_of(step: int, total_steps: int, num_stages: float) -> int:
+    """Which of ``num_stages`` equal stages ``step`` is in: ``floor(step / K')`` with ``K' = floor(K / num_stages)``
+    (at least 1), the stage count of iCT's eq. (6) and of every doubling curriculum below."""
+    return step // max(1, math.floor(total_steps / num_stages))
+
+
 def constant_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -> int:
     """The fixed ``N`` of CM's CD: always ``n_end`` grid points."""
     return n_end
@@ -168,8 +174,7 @@ def ict_exponential_curriculum(step: int, total_steps: int, n_start: int, n_end:
     so the curriculum starts at ``n_start`` points and ends at exactly ``n_end`` (iCT's s0 = 10, s1 = 1280 are
     ``n_start = 11``, ``n_end = 1281``)."""
     s0, s1 = n_start - 1, max(n_end, n_start) - 1
-    k_prime = max(1, math.floor(total_steps / (math.log2(s1 / s0) + 1)))
-    return min(s0 * 2 ** (step // k_prime), s1) + 1
+    return min(s0 * 2 ** stage_of(step, total_steps, math.log2(s1 / s0) + 1), s1) + 1
 
 
 CURRICULA: dict[str, Callable[[int, int, int, int], int]] = {
@@ -182,10 +187,9 @@ CURRICULA: dict[str, Callable[[int, int, int, int], int]] = {
 
 
 def doubling_stage(step: int, total_steps: int, top: int) -> int:
-    """``2^floor(step / K')`` capped at ``top``, with ``K' = floor(K / (log2(top) + 1))``: the stage multiplier of
-    iCT's eq. (6), so each of the ``log2(top) + 1`` stages gets an equal share of the run."""
-    k_prime = max(1, math.floor(total_steps / (math.log2(max(top, 1)) + 1)))
-    return min(2 ** (step // k_prime), top)
+    """``2^stage`` capped at ``top`` over ``log2(top) + 1`` equal stages (:func:`stage_of`): the multiplier of
+    iCT's eq. (6), so each stage gets an equal share of the run."""
+    return min(2 ** stage_of(step, total_steps, math.log2(max(top, 1)) + 1), top)
 
 
 def constant_gap(step: int, total_steps: int, gap_start: int) -> int:

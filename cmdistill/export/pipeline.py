@@ -25,9 +25,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction
-from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.denoisers import build_denoiser
 from ..core.guidance import GuidanceEmbedding
+from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.sampling import default_multistep_sigmas, sample_consistency
 from ..core.tensors import image_shape, num_class_embeds
 

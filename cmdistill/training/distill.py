@@ -21,7 +21,7 @@ from ..core.cd_step import cd_loss
 from ..core.consistency import make_student, make_target, update_target
 from ..core.losses import get_weighting, make_distance
 from ..core.sampling import sample_consistency
-from ..core.schedules import PairSchedule
+from ..core.schedules import SUBSTEP_SCHEDULES, PairSchedule
 from ..core.tensors import DTYPES, image_shape, num_class_embeds, to_device
 from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip
 from ..images import save_grid
@@ -208,7 +208,8 @@ class Distillation:
                 f"student: sigma ({fn.sigma_min:.4g}, {fn.sigma_max:.4g}], boundary {fn.boundary}, F "
                 f"{fn.parametrization}, prior {r.student.prior}; pairs from a {sch.grid} grid of {sch.num_scales} "
                 f"points (gap {sch.gap}), {r.solver.name} teacher steps ({r.solver.substeps} per pair, "
-                f"{r.solver.substep_schedule}); loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} lr {r.optim.lr:g}"
+                f"{r.solver.substep_schedule}); loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} "
+                f"lr {r.optim.lr:g}"
                 + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else ""),
                 self.ema_text()]
 
@@ -258,8 +259,6 @@ class Distillation:
     def substeps(self, step: int) -> int:
         """The teacher's sub-steps for this step's pairs: ``solver.substep_schedule`` of ``solver.substeps``, times
         the pair gap (a pair ``k`` intervals apart is solved with ``k`` times the sub-steps of an adjacent one)."""
-        from ..core.schedules import SUBSTEP_SCHEDULES
-
         sc = self.recipe.solver
         per_pair = SUBSTEP_SCHEDULES[sc.substep_schedule](step, self.recipe.train.max_steps, sc.substeps)
         return per_pair * self.pairs.gap_at(step)
