@@ -67,6 +67,7 @@ def test_cifar_recipe_values():
     assert r.teacher.path == "google/ddpm-cifar10-32" and r.data.name == "cifar10"
     assert (r.loss.distance, r.solver.name, r.schedule.num_scales, r.train.batch_size) == ("lpips", "heun", 18, 512)
     assert r.train.mixed_precision == "bf16" and r.student.target_decay == 0.0 and r.optim.name == "radam"
+    assert (r.student.parametrization, r.student.sigma_max, r.student.prior) == ("v", None, "zero")
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
