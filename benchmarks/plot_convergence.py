@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-STYLES = ("-", "--", ":", "-.")
+from cmdistill.evaluation.curve import plot_curves
 
 
 def load_curves(specs: list[str]) -> list[tuple[str, dict]]:
@@ -24,34 +24,6 @@ def load_curves(specs: list[str]) -> list[tuple[str, dict]]:
             sys.exit(f"expected LABEL=PATH, got {spec!r}")
         out.append((label, json.loads(Path(path).read_text())))
     return out
-
-
-def plot_curves(curves: list[tuple[str, dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    first = curves[0][1]
-    for ax, key in zip(axes, ("fid", "precision")):
-        for style, (label, curve) in zip(STYLES, curves):
-            xs = [c["step"] for c in curve["checkpoints"]]
-            for i, k in enumerate(curve["steps"]):
-                ax.plot(xs, [c[str(k)][key] for c in curve["checkpoints"]], linestyle=style, marker="o",
-                        markersize=3, color=f"C{i}", label=f"{label}, {k}-step")
-        for j, (name, ref) in enumerate(first.get("reference", {}).items()):
-            if ref.get(key) is not None:
-                ax.axhline(ref[key], color=f"C{len(first['steps']) + j}", linestyle=(0, (1, 3)), label=name)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"{key.upper() if key == 'fid' else key} ({first['feature_net']} features)")
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"evaluation-EMA checkpoints, {first['num_samples']} samples, evaluation seed {first['seed']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

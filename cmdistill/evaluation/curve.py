@@ -137,28 +137,41 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
     return curve
 
 
+LINE_STYLES = ("-", "--", ":", "-.")  # one per run when several curves share a plot
+
+
 def plot_curve(curve: dict, path: Path) -> None:
-    """FID (left) and precision (right) against the training step, one line per step count, the references as
-    horizontal lines."""
+    """FID (left) and precision (right) of one run against the training step (``curve.png``)."""
+    title = f"{Path(curve['run_dir']).name}: evaluation-EMA checkpoints, {curve['num_samples']} samples"
+    plot_curves([("student", curve)], path, title)
+
+
+def plot_curves(curves: list[tuple[str, dict]], path: Path, title: str | None = None) -> None:
+    """FID (left, log axis) and precision (right) against the training step for one or more ``(label, curve)``
+    runs: one colour per step count, one line style per run, the first run's references as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [c["step"] for c in curve["checkpoints"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10 if len(curves) == 1 else 11, 4.2))
+    first = curves[0][1]
     for ax, key in zip(axes, ("fid", "precision")):
-        for k in curve["steps"]:
-            ax.plot(xs, [c[str(k)][key] for c in curve["checkpoints"]], marker="o", label=f"student {k}-step")
-        for i, (name, ref) in enumerate(curve["reference"].items()):
+        for style, (label, curve) in zip(LINE_STYLES, curves):
+            xs = [c["step"] for c in curve["checkpoints"]]
+            for i, k in enumerate(curve["steps"]):
+                ax.plot(xs, [c[str(k)][key] for c in curve["checkpoints"]], linestyle=style, marker="o",
+                        markersize=4, color=f"C{i}", label=f"{label} {k}-step")
+        for j, (name, ref) in enumerate(first.get("reference", {}).items()):
             if ref.get(key) is not None:
-                ax.axhline(ref[key], color=f"C{len(curve['steps']) + i}", linestyle="--", label=name)
+                ax.axhline(ref[key], color=f"C{len(first['steps']) + j}", linestyle="--", label=name)
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"{key.upper() if key == 'fid' else key} ({curve['feature_net']} features)")
+        ax.set_ylabel(f"{key.upper() if key == 'fid' else key} ({first['feature_net']} features)")
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{Path(curve['run_dir']).name}: evaluation-EMA checkpoints, {curve['num_samples']} samples")
+    axes[0].legend(fontsize=8 if len(curves) == 1 else 7, ncol=1 if len(curves) == 1 else 2)
+    fig.suptitle(title or f"evaluation-EMA checkpoints, {first['num_samples']} samples, evaluation seed "
+                          f"{first['seed']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
