@@ -221,3 +221,24 @@ def test_curve_of_the_last_checkpoint_matches_the_exported_student(two_checkpoin
 def test_curve_refuses_missing_checkpoints(two_checkpoint_run):
     res = CliRunner().invoke(main, ["evaluate", str(two_checkpoint_run), "--checkpoints", "7"])
     assert res.exit_code == 2 and "no checkpoint at step 7" in res.stderr
+
+
+def test_convergence_script_overlays_the_committed_curves(tmp_path):
+    """benchmarks/plot_convergence.py draws docs/images/convergence_digits.png from the committed curve json through
+    the package's own plot_curves: one figure, two runs."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "conv.png"
+    res = subprocess.run([sys.executable, str(root / "benchmarks/plot_convergence.py"), str(out),
+                          f"shipped={root / 'benchmarks/results/convergence_digits.json'}",
+                          f"regression={root / 'benchmarks/results/convergence_digits_regression.json'}"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(out).size == Image.open(root / "docs/images/convergence_digits.png").size == (1100, 420)
+    bad = subprocess.run([sys.executable, str(root / "benchmarks/plot_convergence.py"), str(out), "no-label.json"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "expected LABEL=PATH" in bad.stderr
