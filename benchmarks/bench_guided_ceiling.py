@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--scales", default="1,2,3,5")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    from cmdistill.core.guidance import guide
+    from cmdistill.core.guidance import guided_teacher
     from cmdistill.core.sampling import integrate, sample_ode, start_sample, teacher_sigmas
     from cmdistill.core.schedules import karras_grid
     from cmdistill.data import data_mean, make_dataset
@@ -43,7 +43,7 @@ def main(argv=None):
     mu = data_mean(ds)
     rows, t0 = [], time.perf_counter()
     for w in [float(s) for s in a.scales.split(",")]:
-        g = guide(teacher, w)
+        g = guided_teacher(teacher, w)
         with torch.no_grad():
             capped = integrate(g, start_sample(z, 5.0, mu), karras_grid(8, teacher.sigma_min, 5.0), "heun",
                                class_labels=labels)

@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 
 def build(args, device, teacher_dir: Path):
-    from cmdistill.config import load_recipe
+    from cmdistill.commands import load_recipe
 
     over = [f"teacher.path={teacher_dir}", f"train.batch_size={args.batch}", "train.grad_accum=1"]
     if args.model == "cifar":

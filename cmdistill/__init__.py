@@ -27,6 +27,7 @@ _PUBLIC = {
     "load_teacher": "cmdistill.teachers",
     "distill": "cmdistill.commands",
     "train_teacher": "cmdistill.commands",
+    "load_recipe": "cmdistill.commands",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

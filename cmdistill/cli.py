@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .config import ConfigError, dump_recipe, load_recipe, load_teacher_recipe
+from .config import ConfigError, dump_recipe
 
 # Choices shown by --help, written here so that --help imports neither torch nor diffusers (it answers in a fraction
 # of a second); tests/test_cli_help.py checks that they equal the registries they stand for.
@@ -125,6 +125,7 @@ def distill(recipe, output_dir, overrides, resume, overwrite, dry_run, steps):
     ConsistencyPipeline in <output_dir>/student; with eval.at_end, then evaluates it.
     """
     from .commands import distill as run
+    from .commands import load_recipe
 
     r = load_recipe(recipe, list(overrides) + ([f"train.max_steps={steps}"] if steps is not None else []))
     if dry_run:
@@ -145,6 +146,7 @@ def train_teacher(recipe, output_dir, overrides, resume, overwrite, dry_run):
     Exports the EMA as a DDPMPipeline folder (train.export_dir, default <output_dir>/pipeline) that
     diffusers.DDPMPipeline.from_pretrained loads and `cmdistill distill` can use as its teacher.
     """
+    from .commands import load_teacher_recipe
     from .commands import train_teacher as run
 
     r = load_teacher_recipe(recipe, overrides)

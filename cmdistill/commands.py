@@ -9,6 +9,28 @@ from pathlib import Path
 from .config import Recipe, TeacherRecipe
 
 
+def recipe_rules() -> tuple:
+    """Every layer's recipe rules (the config's own are always applied by :func:`cmdistill.config.read_recipe`)."""
+    from .evaluation.recipe_rules import EVALUATION_RULES
+    from .training.recipe_rules import TRAINING_RULES
+
+    return TRAINING_RULES, EVALUATION_RULES
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = Recipe):
+    """The recipe of ``cmdistill distill`` (or, with ``cls=TeacherRecipe``, of ``train-teacher``) from a YAML file
+    and ``--set`` overrides, checked by every layer's rules (:func:`recipe_rules`); each problem is one
+    :class:`~cmdistill.config.ConfigError` line."""
+    from .config import read_recipe
+
+    return read_recipe(path, overrides, cls, recipe_rules())
+
+
+def load_teacher_recipe(path: str | Path | None, overrides: list[str] = ()) -> TeacherRecipe:
+    """:func:`load_recipe` for ``cmdistill train-teacher``."""
+    return load_recipe(path, overrides, TeacherRecipe)
+
+
 def _with_output_dir(recipe, output_dir):
     if output_dir is None:
         return recipe

@@ -1,8 +1,12 @@
 """Typed recipes for both commands that train, ``cmdistill distill`` (:class:`Recipe`) and ``cmdistill
-train-teacher`` (:class:`TeacherRecipe`), read by one strict loader (:func:`load_recipe`): ``yaml.safe_load``,
+train-teacher`` (:class:`TeacherRecipe`), read by one strict reader (:func:`read_recipe`): ``yaml.safe_load``,
 unknown keys and wrong types are errors naming the key, malformed YAML names line and column, ``--set a.b=value``
 overrides, finite and range checks. The allowed values of every string choice are read from the registries that
-implement them (:func:`choices`), so a new solver or distance is a choice the moment it is registered."""
+implement them (:func:`choices`), so a new solver or distance is a choice the moment it is registered.
+
+Each layer owns the rules of its own sections (:class:`RecipeRules`): this module those of the core and the data,
+``cmdistill.training.recipe_rules`` and ``cmdistill.evaluation.recipe_rules`` theirs; this module imports neither
+(the layer rule, docs/architecture.md). :func:`cmdistill.commands.load_recipe` reads a recipe under all of them."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -236,9 +240,20 @@ class TeacherRecipe:
 # --------------------------------------------------------------------------- rules
 
 
-def choices() -> dict[str, tuple]:
-    """Allowed values of every string key, read from the registries that implement them (imported on first use,
-    so reading this module stays cheap)."""
+@dataclass(frozen=True)
+class RecipeRules:
+    """What one layer checks of a recipe: the registries its string keys choose from (dotted key -> a registry dict,
+    whose keys are the allowed values, or a tuple of them) and its checks that tie keys together. This module holds
+    the rules of the core and the data (:data:`CONFIG_RULES`); ``cmdistill.training.recipe_rules`` and
+    ``cmdistill.evaluation.recipe_rules`` hold theirs, and :func:`cmdistill.commands.load_recipe` applies them all."""
+
+    registries: Callable[[], dict[str, Any]]
+    check: Callable[[Any], None] = lambda recipe: None
+
+
+def config_registries() -> dict[str, Any]:
+    """The registries of the core and the data behind the recipe's string keys (imported on first use, so reading
+    this module stays cheap)."""
     from .core.consistency import BOUNDARIES
     from .core.denoisers import ADAPTERS, PREDICTION_TYPES
     from .core.losses import DISTANCES, LPIPS_NETS, WEIGHTINGS
@@ -248,25 +263,52 @@ def choices() -> dict[str, tuple]:
     from .core.solvers import SOLVERS
     from .core.tensors import DTYPES
     from .data import DATASETS, PRIORS
-    from .evaluation.features import feature_net_names
-    from .training.bank import BANK_STARTS, REGRESSION_SCHEDULES
-    from .training.loop import MIXED_PRECISION, NONFINITE_MODES
-    from .training.optim import LR_SCHEDULES, OPTIMIZERS
 
     return {
-        "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": tuple(DTYPES), "data.name": (*DATASETS, "teacher"),
-        "eval.data": (None, *DATASETS),
-        "bank.start": BANK_STARTS, "bank.solver": tuple(SOLVERS), "loss.regression_schedule": tuple(REGRESSION_SCHEDULES),
-        "schedule.grid": GRIDS, "schedule.curriculum": tuple(CURRICULA), "schedule.pairs": tuple(PAIR_SAMPLERS),
-        "schedule.gap": tuple(GAP_CURRICULA), "solver.substep_schedule": tuple(SUBSTEP_SCHEDULES),
-        "solver.name": tuple(SOLVERS), "student.boundary": tuple(BOUNDARIES),
-        "student.parametrization": tuple(PARAMETRIZATIONS), "student.prior": tuple(PRIORS),
-        "loss.distance": tuple(DISTANCES), "loss.lpips_net": LPIPS_NETS, "loss.weighting": tuple(WEIGHTINGS),
-        "optim.name": tuple(OPTIMIZERS), "optim.lr_schedule": tuple(LR_SCHEDULES),
-        "train.mixed_precision": MIXED_PRECISION, "train.on_nonfinite": NONFINITE_MODES,
-        "eval.feature_net": feature_net_names(), "scheduler.beta_schedule": BETA_SCHEDULES,
-        "scheduler.prediction_type": PREDICTION_TYPES, "scheduler.timestep_spacing": TIMESTEP_SPACINGS,
+        "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": DTYPES, "data.name": (*DATASETS, "teacher"),
+        "schedule.grid": GRIDS, "schedule.curriculum": CURRICULA, "schedule.pairs": PAIR_SAMPLERS,
+        "schedule.gap": GAP_CURRICULA, "solver.substep_schedule": SUBSTEP_SCHEDULES, "solver.name": SOLVERS,
+        "student.boundary": BOUNDARIES, "student.parametrization": PARAMETRIZATIONS, "student.prior": PRIORS,
+        "loss.distance": DISTANCES, "loss.lpips_net": LPIPS_NETS, "loss.weighting": WEIGHTINGS,
+        "scheduler.beta_schedule": BETA_SCHEDULES, "scheduler.prediction_type": PREDICTION_TYPES,
+        "scheduler.timestep_spacing": TIMESTEP_SPACINGS,
     }
+
+
+def choices(rules: Sequence[RecipeRules] = ()) -> dict[str, tuple]:
+    """Allowed values of every string key, read from the registries of :data:`CONFIG_RULES` and ``rules``, so a new
+    solver or distance is a choice the moment it is registered."""
+    merged: dict[str, Any] = {}
+    for r in (CONFIG_RULES, *rules):
+        merged.update(r.registries())
+    return {k: tuple(v) for k, v in merged.items()}
+
+
+def run_length_keys(recipe, rules: Sequence[RecipeRules] = ()) -> list[str]:
+    """The keys whose chosen registry entry depends on ``train.max_steps`` (entries marked with
+    :func:`cmdistill.core.schedules.scaled_to_run`): changing the run's length on ``--resume`` changes their
+    schedules for the steps still to come. ``recipe``: a recipe object or its nested dict (a checkpoint's)."""
+    from .core.schedules import is_scaled_to_run
+
+    merged: dict[str, Any] = {}
+    for r in (CONFIG_RULES, *rules):
+        merged.update(r.registries())
+    out = []
+    for key, registry in merged.items():
+        value = get_key(recipe, key)
+        if isinstance(registry, dict) and value in registry and is_scaled_to_run(registry[value]):
+            out.append(key)
+    return out
+
+
+def get_key(recipe, dotted: str):
+    """``recipe``'s value at ``dotted`` (a recipe object or its nested dict), ``None`` where it has none."""
+    obj = recipe
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 # keys that exist in only one recipe are checked where they exist
@@ -353,10 +395,11 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def validate(recipe):
-    """Choices, finite numbers, ranges, then the checks that tie keys together; returns the recipe."""
+def validate(recipe, rules: Sequence[RecipeRules] = ()):
+    """Choices, finite numbers, ranges, then the checks that tie keys together (this module's, then each of
+    ``rules``'); returns the recipe."""
     present = dict(_flat_values(recipe))
-    for key, allowed in choices().items():
+    for key, allowed in choices(rules).items():
         if key in present and present[key] not in allowed:
             v, names = present[key], [a for a in allowed if a is not None]
             close = difflib.get_close_matches(str(v), names, n=1)
@@ -373,6 +416,14 @@ def validate(recipe):
         for key in sorted(keys & present.keys()):
             if not ok(present[key]):
                 raise ConfigError(f"'{key}' must be {what}, got {present[key]!r}")
+    for r in (CONFIG_RULES, *rules):
+        r.check(recipe)
+    return recipe
+
+
+def check_config(recipe) -> None:
+    """The cross-key checks of the sections this module owns (optimiser betas, batch split, the teacher recipe's
+    U-Net, the distillation recipe's schedule, student and guidance)."""
     betas = recipe.optim.betas
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                   for b in betas):
@@ -386,36 +437,24 @@ def validate(recipe):
                               "on real images")
     else:
         _check_distill(recipe)
-    return recipe
 
 
 def _check_distill(recipe: Recipe) -> None:
-    from .evaluation.baselines import BASELINES
+    from .core.schedules import CURRICULA, GRIDS
 
-    ec = recipe.eval
-    for b in ec.baselines:
-        if b not in BASELINES:
-            raise ConfigError(f"'eval.baselines' entries must be among {', '.join(BASELINES)}; got {b!r}")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in ec.baseline_nfe):
-        raise ConfigError(f"'eval.baseline_nfe' must be a list of positive integers, got {ec.baseline_nfe!r}")
     sch = recipe.schedule
     if sch.num_scales < 2 or sch.num_scales_start < 2:
         raise ConfigError("'schedule.num_scales' and 'schedule.num_scales_start' must be at least 2 (grid points)")
-    if recipe.student.sigma_max is not None and sch.grid != "karras":
-        raise ConfigError("'student.sigma_max' caps the Karras grid; it needs 'schedule.grid: karras'")
-    bc, lc = recipe.bank, recipe.loss
-    if (lc.regression_weight > 0 or recipe.data.name == "teacher") and bc.count == 0:
-        need = "loss.regression_weight" if lc.regression_weight > 0 else "data.name: teacher"
-        raise ConfigError(f"'{need}' needs a trajectory bank: set bank.count (e.g. 4096)")
-    if recipe.data.name == "teacher" and bc.start != "teacher":
-        raise ConfigError("'data.name: teacher' trains on the teacher's own samples: it needs 'bank.start: teacher' "
-                          "(trajectories from the top of the teacher's range)")
-    if recipe.data.name == "teacher" and ec.data is None and (ec.at_end or ec.curve):
-        raise ConfigError("a data-free run (data.name: teacher) is evaluated against real images: set 'eval.data' "
-                          f"(one of {', '.join(d for d in choices()['eval.data'] if d)}), or eval.at_end and "
-                          "eval.curve to false")
-    if bc.num_scales is not None and bc.num_scales < 2:
-        raise ConfigError("'bank.num_scales' must be at least 2 (grid points)")
+    try:  # a curriculum that reads its start refuses one above its end (it would stay there the whole run)
+        CURRICULA[sch.curriculum](0, recipe.train.max_steps, sch.num_scales_start, sch.num_scales)
+    except ValueError:
+        raise ConfigError(f"'schedule.num_scales_start' ({sch.num_scales_start}) is above 'schedule.num_scales' "
+                          f"({sch.num_scales}): the {sch.curriculum} curriculum would run at {sch.num_scales_start} "
+                          "points for the whole run; lower num_scales_start") from None
+    if recipe.student.sigma_max is not None and not GRIDS[sch.grid].capped_by_student:
+        allowed = " or ".join(f"'schedule.grid: {k}'" for k, g in GRIDS.items() if g.capped_by_student)
+        raise ConfigError(f"'student.sigma_max' caps the grid, which 'schedule.grid: {sch.grid}' does not allow; "
+                          f"it needs {allowed}")
     gc = recipe.guidance
     if (gc.w_min is None) != (gc.w_max is None):
         raise ConfigError("'guidance.w_min' and 'guidance.w_max' go together: set both (a range of w) or neither")
@@ -424,6 +463,9 @@ def _check_distill(recipe: Recipe) -> None:
     if gc.w_min is not None and not gc.w_min <= gc.scale <= gc.w_max:
         raise ConfigError(f"'guidance.scale' ({gc.scale:g}), the student's default w, must lie in "
                           f"[w_min, w_max] = [{gc.w_min:g}, {gc.w_max:g}]")
+
+
+CONFIG_RULES = RecipeRules(config_registries, check_config)
 
 
 def _check_unet(u: UNetConfig) -> None:
@@ -443,13 +485,6 @@ def _flat_values(obj, prefix: str = ""):
             yield from _flat_values(v, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", v
-
-
-def get_key(recipe, dotted: str):
-    obj = recipe
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -477,9 +512,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = Recipe):
+def read_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = Recipe,
+                rules: Sequence[RecipeRules] = ()):
     """Read a recipe of type ``cls`` (:class:`Recipe` or :class:`TeacherRecipe`) with ``yaml.safe_load``, apply
-    ``--set`` overrides, type-check and validate. Every problem is one :class:`ConfigError` line."""
+    ``--set`` overrides, type-check and validate it against this module's rules and ``rules`` (the other layers').
+    Every problem is one :class:`ConfigError` line. :func:`cmdistill.commands.load_recipe` passes every layer's
+    rules: that is the loader to use."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -496,7 +534,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = 
     data = apply_overrides(data, list(overrides))
     recipe = _build(cls, data, "")
     resolve_input_paths(recipe, Path(path).resolve().parent if path is not None else None)
-    return validate(recipe)
+    return validate(recipe, rules)
 
 
 # keys naming inputs (read, never written); outputs (train.output_dir, train.export_dir) stay relative to the
@@ -519,11 +557,6 @@ def resolve_input_paths(recipe, recipe_dir: Path | None) -> None:
             if (base / value).exists():
                 setattr(getattr(recipe, section), name, str((base / value).resolve()))
                 break
-
-
-def load_teacher_recipe(path: str | Path | None, overrides: list[str] = ()) -> TeacherRecipe:
-    """:func:`load_recipe` for ``cmdistill train-teacher``."""
-    return load_recipe(path, overrides, TeacherRecipe)
 
 
 def recipe_to_dict(recipe) -> dict:

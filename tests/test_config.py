@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmdistill.config import ConfigError, dump_recipe, load_recipe
+from cmdistill.commands import load_recipe
+from cmdistill.config import ConfigError, dump_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

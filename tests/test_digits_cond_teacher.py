@@ -28,13 +28,13 @@ def classifier():
 
 
 def accuracy_at(teacher, classifier, w: float) -> float:
-    from cmdistill.core.guidance import guide
+    from cmdistill.core.guidance import guided_teacher
     from cmdistill.core.sampling import sample_ode, teacher_sigmas
     from cmdistill.evaluation.features import accuracy
 
     labels = torch.arange(N) % 10
     noise = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    x = sample_ode(guide(teacher, w), noise, teacher_sigmas(teacher, 50), "ddim", class_labels=labels)
+    x = sample_ode(guided_teacher(teacher, w), noise, teacher_sigmas(teacher, 50), "ddim", class_labels=labels)
     return accuracy(classifier, x.clamp(-1, 1), labels)
 
 

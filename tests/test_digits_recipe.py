@@ -6,7 +6,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cmdistill.cli import main
-from cmdistill.config import load_recipe
+from cmdistill.commands import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits.yaml"

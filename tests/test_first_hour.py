@@ -76,7 +76,7 @@ def test_two_process_conflict_prints_one_line(tmp_path, tiny_teacher_dir):
 
 
 def test_recipe_paths_resolve_against_the_recipe_file(tmp_path, monkeypatch):
-    from cmdistill.config import load_recipe
+    from cmdistill.commands import load_recipe
 
     monkeypatch.chdir(tmp_path)  # neither the repository nor the recipe's folder
     r = load_recipe(REPO / "recipes" / "digits.yaml")

@@ -75,7 +75,7 @@ def test_ict_curriculum_doubles():
 @pytest.mark.parametrize("start, end", [(10, 18), (11, 1281), (3, 40)])
 def test_curriculum_ends_at_num_scales(start, end):
     """``schedule.num_scales`` is the final N for every curriculum (it used to end at N + 1)."""
-    from cmdistill.config import load_recipe
+    from cmdistill.commands import load_recipe
 
     r = load_recipe(None, ["schedule.curriculum=ict_exponential", f"schedule.num_scales={end}",
                            f"schedule.num_scales_start={start}", "train.max_steps=1000"])
@@ -127,7 +127,7 @@ def test_distill_step_solves_a_wide_gap_with_more_substeps():
     """The loop's teacher sub-steps: the substep schedule times the pair gap."""
     import types
 
-    from cmdistill.config import load_recipe
+    from cmdistill.commands import load_recipe
     from cmdistill.training.distill import Distillation
 
     r = load_recipe(None, ["solver.substeps=2", "solver.substep_schedule=doubling", "schedule.gap=ect_halving",

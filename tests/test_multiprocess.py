@@ -103,7 +103,7 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(launched):
 
 
 def test_two_processes_follow_the_one_process_loss_curve(launched, tmp_path):
-    from cmdistill.config import load_recipe
+    from cmdistill.commands import load_recipe
     from cmdistill.commands import distill
 
     _, two, recipe = launched

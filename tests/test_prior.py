@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from cmdistill.config import ConfigError, load_recipe
+from cmdistill.commands import load_recipe
+from cmdistill.config import ConfigError
 from cmdistill.core.consistency import make_student
 from cmdistill.teachers import load_teacher
 from cmdistill.export.pipeline import ConsistencyPipeline

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from cmdistill.config import load_recipe
+from cmdistill.commands import load_recipe
 from cmdistill.core.consistency import make_student, make_target
 from cmdistill.core.denoisers import build_denoiser
 from cmdistill.core.cd_step import cd_loss

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from cmdistill.cli import main
-from cmdistill.config import ConfigError, load_recipe
+from cmdistill.commands import load_recipe
+from cmdistill.config import ConfigError
 from cmdistill.core.consistency import make_student
 from cmdistill.teachers import load_teacher
 

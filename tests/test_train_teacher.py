@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cmdistill.cli import main
 from cmdistill.config import ConfigError
-from cmdistill.config import load_teacher_recipe
+from cmdistill.commands import load_teacher_recipe
 from cmdistill.training.teacher import TARGETS, make_scheduler
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "digits-teacher.yaml")

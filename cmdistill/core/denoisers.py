@@ -28,6 +28,7 @@ class Denoiser(nn.Module):
     """Base class: holds the network and the trained sigma range; subclasses implement ``forward``."""
 
     kind: str = ""
+    scheduler_classes: frozenset[str] = frozenset()  # diffusers scheduler classes this adapter reads (infer_kind)
     sigma_data: float = 0.5
 
     def __init__(self, net: nn.Module, strict_range: bool = True):
@@ -91,6 +92,17 @@ class DDPMDenoiser(Denoiser):
     """
 
     kind = "ddpm"
+    # diffusers scheduler classes whose config fully describes this schedule: the discrete-beta (VP) family all build
+    # DDPMScheduler's beta table from the same keys (GaussianDDPMScheduler: pre-0.3 diffusers' DDPMScheduler, the
+    # root config of google/ddpm-cifar10-32). Anything else (CMStochasticIterativeScheduler, ScoreSdeVeScheduler,
+    # flow matching, ...) would be read as default betas and silently give a wrong sigma table: refused.
+    scheduler_classes = frozenset({
+        "DDPMScheduler", "GaussianDDPMScheduler", "DDIMScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler",
+        "PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+        "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler",
+    })
     unit_std = 1.0  # VP: x_vp = x / sqrt(1 + sigma^2) has unit variance at every sigma (for unit-variance data)
 
     def __init__(self, net: nn.Module, scheduler_config: dict[str, Any], strict_range: bool = True):
@@ -165,6 +177,7 @@ class EDMDenoiser(Denoiser):
     """
 
     kind = "edm"
+    scheduler_classes = frozenset({"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"})  # sigma_min/max/data
 
     def __init__(self, net: nn.Module, scheduler_config: dict[str, Any], strict_range: bool = True):
         super().__init__(net, strict_range)
@@ -207,35 +220,38 @@ class EDMDenoiser(Denoiser):
 
 ADAPTERS: dict[str, type[Denoiser]] = {"ddpm": DDPMDenoiser, "edm": EDMDenoiser}
 
-# diffusers scheduler classes whose config fully describes the teacher's noise schedule, per adapter: the
-# discrete-beta (VP) family all build DDPMScheduler's beta table from the same keys; the EDM family holds
-# sigma_min/sigma_max/sigma_data. Anything else (CMStochasticIterativeScheduler, ScoreSdeVeScheduler, flow
-# matching, ...) would be read as default betas and silently give a wrong sigma table, so it is refused.
-# GaussianDDPMScheduler is pre-0.3 diffusers' name for DDPMScheduler (google/ddpm-cifar10-32's root config).
-SCHEDULER_CLASSES: dict[str, frozenset[str]] = {
-    "ddpm": frozenset({
-        "DDPMScheduler", "GaussianDDPMScheduler", "DDIMScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler", "PNDMScheduler",
-        "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
-        "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-        "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-        "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler", "SASolverScheduler",
-    }),
-    "edm": frozenset({"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"}),
-}
+
+def unsupported_reason(scheduler_config: dict[str, Any], net: nn.Module | None = None) -> str | None:
+    """Why a teacher of a known scheduler family would still be misread (``None`` when it is read correctly):
+    continuous timesteps where the adapter feeds discrete ones, or a learned-variance network whose output holds
+    twice the input channels (Nichol & Dhariwal 2021, eq. 15: epsilon and the variance interpolation)."""
+    name = scheduler_config.get("_class_name", "the scheduler")
+    if scheduler_config.get("timestep_type", "discrete") != "discrete":
+        return (f"{name} with timestep_type={scheduler_config['timestep_type']!r} feeds the network "
+                "0.25 ln(sigma), not a DDPM timestep; cmdistill reads discrete timesteps only")
+    cfg = getattr(net, "config", None)
+    c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+    if c_in and c_out and c_out == 2 * c_in:
+        return (f"{type(net).__name__} outputs {c_out} channels for {c_in} input channels (a learned-variance "
+                "model); cmdistill reads networks whose output has the input's channels")
+    return None
 
 
 def infer_kind(scheduler_config: dict[str, Any]) -> str:
-    """The adapter for a scheduler config, from its ``_class_name`` (:data:`SCHEDULER_CLASSES`; a config without
-    a class name is a DDPM one, as in pre-0.3 diffusers); raises :class:`UnsupportedTeacher` for other classes."""
+    """The adapter for a scheduler config, from its ``_class_name`` (each adapter's ``scheduler_classes``; a config
+    without a class name is a DDPM one, as in pre-0.3 diffusers); raises :class:`UnsupportedTeacher` for other
+    classes and for configs an adapter would misread (:func:`unsupported_reason`)."""
     name = scheduler_config.get("_class_name")
-    if name is None:
-        return "ddpm"
-    for kind, classes in SCHEDULER_CLASSES.items():
-        if name in classes:
-            return kind
-    raise UnsupportedTeacher(
-        f"teacher scheduler {name} is not supported: cmdistill reads discrete-beta (DDPM-family) and EDM "
-        f"schedulers; a {name} config does not describe a noise schedule it can represent")
+    kinds = ["ddpm"] if name is None else [k for k, a in ADAPTERS.items() if name in a.scheduler_classes]
+    if not kinds:
+        raise UnsupportedTeacher(
+            f"teacher scheduler {name} is not supported: cmdistill reads "
+            + ", ".join(f"{k} ({', '.join(sorted(a.scheduler_classes)[:3])}, ...)" for k, a in ADAPTERS.items())
+            + f" schedulers; a {name} config does not describe a noise schedule it can represent")
+    reason = unsupported_reason(scheduler_config)
+    if reason:
+        raise UnsupportedTeacher(reason)
+    return kinds[0]
 
 
 def build_denoiser(net: nn.Module, scheduler_config: dict[str, Any], kind: str = "auto", **kw) -> Denoiser:
@@ -249,4 +265,7 @@ def build_denoiser(net: nn.Module, scheduler_config: dict[str, Any], kind: str =
     if "_class_name" in scheduler_config and kind != inferred:
         raise UnsupportedTeacher(f"teacher.kind is {kind!r} but the scheduler {scheduler_config['_class_name']} "
                                  f"is a {inferred!r} schedule; use teacher.kind: auto")
+    reason = unsupported_reason(scheduler_config, net)
+    if reason:
+        raise UnsupportedTeacher(reason)
     return ADAPTERS[kind](net, scheduler_config, **kw)

@@ -4,7 +4,9 @@ form): ``D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, 
 The guided teacher satisfies the denoiser contract, so the ODE solvers that make the distillation pairs use it
 unchanged (LCM's guided distillation, Luo et al. 2023, Sec. 4.2). Both halves run in one batched network call.
 ``w = 1`` is the conditional teacher; ``w = 0`` the unconditional one. The null class is one extra label of the
-teacher's class embedding (the label the teacher saw when its label was dropped in training).
+teacher's class embedding (the label the teacher saw when its label was dropped in training; :func:`null_class`).
+The recipe's guidance section reaches the networks through :func:`guided_teacher` (the pairs' teacher) and
+:func:`attach_guidance` (the student), the one way for training, evaluation and sampling alike.
 """
 from __future__ import annotations
 
@@ -120,15 +122,40 @@ def added_to_time_embedding(net: nn.Module, extra: torch.Tensor):
         handle.remove()
 
 
-def guide(teacher: nn.Module, guidance_scale: float | None, null_class: int | None = None) -> nn.Module:
-    """The class-conditional ``teacher`` at classifier-free guidance scale ``guidance_scale`` (``None`` or 1: the
-    conditional teacher itself, one network call a step); ``null_class`` defaults to its last class embedding."""
-    n = num_class_embeds(teacher.net)
+def null_class(net: nn.Module, null: int | None = None) -> int:
+    """The label that stands for "no class" in a class-conditional network: ``null`` when given, else the last of its
+    ``num_class_embeds`` embeddings (the label its training substituted when it dropped a label, cmdistill's
+    ``train.label_dropout``; diffusers' ``DiTPipeline`` uses the same convention, class 1000 of 1001). The one place
+    this convention lives."""
+    n = num_class_embeds(net)
     if n is None:
-        raise ValueError("classifier-free guidance needs a class-conditional teacher (a U-Net with num_class_embeds)")
-    if guidance_scale is None or float(guidance_scale) == 1.0:
-        return teacher
-    null = n - 1 if null_class is None else int(null_class)
+        raise ValueError(f"{type(net).__name__} is not class-conditional (no num_class_embeds): it has no null class")
+    null = n - 1 if null is None else int(null)
     if not 0 <= null < n:
         raise ValueError(f"the null class must lie in [0, {n - 1}], got {null}")
-    return GuidedDenoiser(teacher, null, float(guidance_scale))
+    return null
+
+
+def guided_teacher(teacher: nn.Module, guidance_scale: float | None, null: int | None = None,
+                   per_sample: bool = False) -> nn.Module:
+    """The teacher with classifier-free guidance at ``guidance_scale`` (LCM's guided distillation; with
+    ``per_sample`` a ``guidance_scale`` given to each call, one ``w`` per sample, defaulting to this one), or the
+    teacher itself, one network call a step, at a fixed scale of 1 (or ``None``). ``null``: the null class
+    (:func:`null_class`). A ``ValueError`` when guidance is asked of an unconditional teacher."""
+    if not per_sample and (guidance_scale is None or float(guidance_scale) == 1.0):
+        return teacher
+    if num_class_embeds(teacher.net) is None:
+        raise ValueError("classifier-free guidance needs a class-conditional teacher (a network with num_class_embeds)")
+    return GuidedDenoiser(teacher, null_class(teacher.net, null), 1.0 if guidance_scale is None else guidance_scale)
+
+
+def attach_guidance(student: nn.Module, guidance_scale: float, w_range: tuple[float, float] | None = None) -> None:
+    """What a consistency function knows of guidance, set before its target and EMA are copied from it: for a range
+    ``w_range`` of scales a zero-started :class:`GuidanceEmbedding` (``w`` is an input, ``guidance_scale`` its
+    default); else a fixed ``guidance_scale`` other than 1 built in (nothing for 1). A ``ValueError`` for a network
+    without a time embedding to add ``w`` to."""
+    if w_range is not None:
+        student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
+        student.guidance_range = (float(w_range[0]), float(w_range[1]))
+    if w_range is not None or guidance_scale != 1.0:
+        student.guidance_scale = float(guidance_scale)

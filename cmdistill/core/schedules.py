@@ -6,6 +6,7 @@ Grids are **descending**: ``grid[0]`` is the largest sigma.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -157,6 +158,18 @@ def sample_pairs(grid: torch.Tensor, probs: torch.Tensor, batch: int, generator=
 # --------------------------------------------------------------------------- N curricula
 
 
+def scaled_to_run(fn):
+    """Mark a schedule whose value at a step depends on the run's length (``train.max_steps``): changing the length
+    on ``--resume`` then changes the schedule of the steps still to come. Read with :func:`is_scaled_to_run`."""
+    fn.scaled_to_run = True
+    return fn
+
+
+def is_scaled_to_run(entry) -> bool:
+    """Whether a registry entry (:func:`scaled_to_run`) depends on the run's length."""
+    return bool(getattr(entry, "scaled_to_run", False))
+
+
 def stage_of(step: int, total_steps: int, num_stages: float) -> int:
     """Which of ``num_stages`` equal stages ``step`` is in: ``floor(step / K')`` with ``K' = floor(K / num_stages)``
     (at least 1), the stage count of iCT's eq. (6) and of every doubling curriculum below."""
@@ -168,12 +181,16 @@ def constant_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -
     return n_end
 
 
+@scaled_to_run
 def ict_exponential_curriculum(step: int, total_steps: int, n_start: int, n_end: int) -> int:
     """iCT eq. (6), counted in grid points: ``N(k) = min(s0 * 2^floor(k / K'), s1) + 1`` with
     ``K' = floor(K / (log2(s1/s0) + 1))``, where ``s0 = n_start - 1`` and ``s1 = n_end - 1`` are interval counts;
     so the curriculum starts at ``n_start`` points and ends at exactly ``n_end`` (iCT's s0 = 10, s1 = 1280 are
-    ``n_start = 11``, ``n_end = 1281``)."""
-    s0, s1 = n_start - 1, max(n_end, n_start) - 1
+    ``n_start = 11``, ``n_end = 1281``). A start above the end is refused: the curriculum would stay at
+    ``n_start`` for the whole run."""
+    if n_start > n_end:
+        raise ValueError(f"the curriculum starts at {n_start} grid points, above its final {n_end}")
+    s0, s1 = n_start - 1, n_end - 1
     return min(s0 * 2 ** stage_of(step, total_steps, math.log2(s1 / s0) + 1), s1) + 1
 
 
@@ -197,6 +214,7 @@ def constant_gap(step: int, total_steps: int, gap_start: int) -> int:
     return 1
 
 
+@scaled_to_run
 def ect_halving_gap(step: int, total_steps: int, gap_start: int) -> int:
     """ECT's shrinking pair gap (Geng et al. 2024, arXiv:2406.14548, Sec. 3: ``dt`` divided by ``q = 2`` every
     ``d`` iterations), on the grid: the pair ``(grid[n], grid[n + k])`` with ``k`` halving from ``gap_start`` to 1
@@ -213,6 +231,7 @@ def constant_substeps(step: int, total_steps: int, substeps: int) -> int:
     return substeps
 
 
+@scaled_to_run
 def doubling_substeps(step: int, total_steps: int, substeps: int) -> int:
     """Teacher sub-step annealing (after Multistep CM, Heek et al. 2024, arXiv:2403.06807, Table 2, which anneals
     the teacher's step size from coarse to fine): 1, 2, 4, ... up to ``solver.substeps`` sub-steps per pair in
@@ -224,7 +243,25 @@ SUBSTEP_SCHEDULES: dict[str, Callable[[int, int, int], int]] = {"constant": cons
                                                                  "doubling": doubling_substeps}
 
 
-GRIDS = ("karras", "teacher")
+@dataclass(frozen=True)
+class Grid:
+    """A registry entry of :data:`GRIDS`: how the grid at a step is built from a :class:`PairSchedule`, the cache key
+    that says when it must be rebuilt, and what it needs."""
+
+    build: Callable[["PairSchedule", int], torch.Tensor]
+    key: Callable[["PairSchedule", int], object]
+    needs_table: bool = False       # a teacher with a discrete sigma table (DDPM)
+    capped_by_student: bool = True  # spans the student's range (student.sigma_max caps it)
+
+
+GRIDS: dict[str, Grid] = {
+    # Karras et al. (2022) eq. 5 over the student's range, N from the curriculum (CM, iCT)
+    "karras": Grid(build=lambda ps, step: karras_grid(ps.num_points(step), ps.sigma_min, ps.sigma_max, ps.rho),
+                   key=lambda ps, step: ps.num_points(step)),
+    # the teacher's own discrete sigmas every k timesteps (LCM's skipping-step grid)
+    "teacher": Grid(build=lambda ps, step: teacher_grid(ps.table.cpu(), ps.skip), key=lambda ps, step: None,
+                    needs_table=True, capped_by_student=False),
+}
 
 
 class PairSchedule:
@@ -238,11 +275,12 @@ class PairSchedule:
                  pairs: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0, table=None, skip: int = 1,
                  gap: str = "constant", gap_start: int = 1):
         if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}")
-        if grid == "teacher" and table is None:
-            raise ValueError("grid 'teacher' needs a teacher with a discrete sigma table (a DDPM teacher)")
+            raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(GRIDS)}")
+        if GRIDS[grid].needs_table and table is None:
+            raise ValueError(f"grid {grid!r} needs a teacher with a discrete sigma table (a DDPM teacher)")
         if curriculum not in CURRICULA:
             raise ValueError(f"unknown curriculum {curriculum!r}; choose one of {sorted(CURRICULA)}")
+        CURRICULA[curriculum](0, total_steps, num_scales_start, num_scales)  # refuses a start above the end
         if pairs not in PAIR_SAMPLERS:
             raise ValueError(f"unknown pair sampling {pairs!r}; choose one of {sorted(PAIR_SAMPLERS)}")
         if gap not in GAP_CURRICULA:
@@ -251,20 +289,18 @@ class PairSchedule:
         self.num_scales, self.num_scales_start, self.curriculum = num_scales, num_scales_start, curriculum
         self.total_steps, self.pairs, self.p_mean, self.p_std = total_steps, pairs, p_mean, p_std
         self.table, self.skip, self.gap, self.gap_start = table, skip, gap, gap_start
-        self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._cache: tuple[object, torch.Tensor, torch.Tensor] | None = None
 
     def num_points(self, step: int) -> int:
         return CURRICULA[self.curriculum](step, self.total_steps, self.num_scales_start, self.num_scales)
 
     def grid_and_probs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.num_points(step) if self.grid == "karras" else -1
-        if self._cache is None or self._cache[0] != n:
-            if self.grid == "karras":
-                g = karras_grid(n, self.sigma_min, self.sigma_max, self.rho)
-            else:
-                g = teacher_grid(self.table.cpu(), self.skip)
+        entry = GRIDS[self.grid]
+        key = entry.key(self, step)
+        if self._cache is None or self._cache[0] != key:
+            g = entry.build(self, step)
             kw = {"p_mean": self.p_mean, "p_std": self.p_std} if self.pairs == "lognormal" else {}
-            self._cache = (n, g, PAIR_SAMPLERS[self.pairs](g, **kw))
+            self._cache = (key, g, PAIR_SAMPLERS[self.pairs](g, **kw))
         return self._cache[1], self._cache[2]
 
     def gap_at(self, step: int) -> int:

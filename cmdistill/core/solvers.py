@@ -6,6 +6,7 @@ the consistency-distillation targets.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,20 +52,32 @@ def ddim_step(denoiser, x, sigma_hi, sigma_lo, **cond) -> torch.Tensor:
     return denoised + append_dims(sigma_lo, x.ndim) * eps
 
 
-SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
-    "heun": heun_step,
-    "euler": euler_step,
-    "ddim": ddim_step,
-}
+@dataclass(frozen=True)
+class Solver:
+    """A registry entry: the step function and what it costs, so that registering a solver is all it takes for the
+    recipe, the samplers and NFE accounting to know it."""
 
-# teacher network evaluations per step, for NFE accounting
-SOLVER_NFE = {"euler": 1, "heun": 2, "ddim": 1}
+    step: Callable[..., torch.Tensor]
+    nfe: int               # network evaluations of one step between two positive sigmas
+    nfe_to_zero: int       # of a step that ends at sigma = 0 (Heun falls back to Euler there)
+
+    def sampler_nfe(self, steps: int) -> int:
+        """Evaluations of a ``steps``-step sampler whose last step ends at sigma = 0."""
+        return (steps - 1) * self.nfe + self.nfe_to_zero
+
+
+SOLVERS: dict[str, Solver] = {
+    "heun": Solver(heun_step, nfe=2, nfe_to_zero=1),
+    "euler": Solver(euler_step, nfe=1, nfe_to_zero=1),
+    "ddim": Solver(ddim_step, nfe=1, nfe_to_zero=1),
+}
 
 
 def get_solver(name: str) -> Callable[..., torch.Tensor]:
+    """The step function of the solver registered as ``name``."""
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[name]
+    return SOLVERS[name].step
 
 
 def solve(denoiser, x, sigma_hi, sigma_lo, solver: str = "heun", substeps: int = 1, **cond) -> torch.Tensor:

@@ -56,15 +56,16 @@ def load_ema_student(run, ckpt: Path, template):
 
 def student_template(run):
     """A consistency function of the run's architecture, boundary and guidance, with the run's 1-step prior mean."""
+    from ..core.guidance import attach_guidance
     from ..data import make_dataset, prior_mean
-    from ..training.distill import attach_guidance
     from .evaluate import EvalError
 
     r = run.recipe
     sc = r.student
     fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
                       sc.parametrization)
-    attach_guidance(fn, r)
+    gc = r.guidance
+    attach_guidance(fn, gc.scale, None if gc.w_min is None else (gc.w_min, gc.w_max))
     fn.eval()
     if r.data.name == "teacher":  # data-free: the mean of the bank's samples, as stored in the exported student
         if run.pipe is None:

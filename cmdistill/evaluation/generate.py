@@ -130,7 +130,7 @@ def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, se
                    class_label: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
     """``num`` teacher samples in [-1, 1] from the same noise convention as :func:`sample_student`; a
     class-conditional teacher samples ``class_label`` with classifier-free guidance at ``guidance_scale``."""
-    from ..core.guidance import guide
+    from ..core.guidance import guided_teacher
 
     noise, g = initial_noise(num, image_shape(teacher.net), seed)
     device = next(teacher.net.parameters()).device
@@ -145,7 +145,7 @@ def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, se
         if not 0 <= int(class_label) < n:
             raise SampleError(f"--class-label {class_label} is out of range: the teacher embeds classes 0-{n - 1}")
         try:
-            teacher = guide(teacher, guidance_scale)
+            teacher = guided_teacher(teacher, guidance_scale)
         except ValueError as e:
             raise SampleError(str(e)) from None
         labels = torch.full((num,), int(class_label))

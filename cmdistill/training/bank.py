@@ -30,8 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.sampling import integrate, start_sample
-from ..core.schedules import karras_grid
+from ..core.schedules import karras_grid, scaled_to_run
 from ..data import DataError
+from ..files import sha256_file
 
 BANK_FILE = "bank.safetensors"
 MANIFEST = "manifest.json"
@@ -83,14 +84,6 @@ def tensor_sha256(t: Optional[torch.Tensor]) -> Optional[str]:
     return None if t is None else hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def make_trajectories(teacher, z: torch.Tensor, spec: BankSpec, prior_mean: Optional[torch.Tensor],
                       **cond) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,14 +123,14 @@ def save_bank(bank: dict[str, torch.Tensor], spec: BankSpec, folder: Path) -> No
     """``bank.safetensors`` and ``manifest.json`` (the spec and the tensors' checksum), written atomically."""
     from safetensors.torch import save_file
 
+    from ..files import atomic_path, write_atomic
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{BANK_FILE}.tmp"
-    save_file({k: v.contiguous() for k, v in bank.items()}, str(tmp))
-    manifest = {**asdict(spec), "checksum_sha256": file_sha256(tmp), "tensors": sorted(bank)}
-    os.replace(tmp, folder / BANK_FILE)
-    tmp_m = folder / f".{MANIFEST}.tmp"
-    tmp_m.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_m, folder / MANIFEST)
+    with atomic_path(folder / BANK_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in bank.items()}, str(tmp))
+        checksum = sha256_file(tmp)
+    manifest = {**asdict(spec), "checksum_sha256": checksum, "tensors": sorted(bank)}
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def check_manifest(folder: Path, spec: BankSpec) -> None:
@@ -154,7 +147,7 @@ def check_manifest(folder: Path, spec: BankSpec) -> None:
             show = (lambda v: f"{v[:12]}…" if isinstance(v, str) and len(v) > 16 else repr(v))
             raise BankMismatch(f"trajectory bank {folder} was made with {key} {show(have)}, the recipe asks for "
                                f"{show(want)}; set bank.path to another folder, or remove this one to remake it")
-    if file_sha256(folder / BANK_FILE) != manifest.get("checksum_sha256"):
+    if sha256_file(folder / BANK_FILE) != manifest.get("checksum_sha256"):
         raise BankMismatch(f"trajectory bank {folder / BANK_FILE} does not match its manifest's checksum (changed "
                            "or truncated); remove the folder to remake it")
 
@@ -176,8 +169,19 @@ def load_or_build_bank(folder: Path, teacher, spec: BankSpec, prior_mean: Option
     return bank
 
 
-# the regression term's weight over training, as a factor of loss.regression_weight (t = step / max_steps)
-REGRESSION_SCHEDULES = {"constant": lambda t: 1.0, "linear_decay": lambda t: max(0.0, 1.0 - t)}
+def constant_weight(t: float) -> float:
+    """The regression term at ``loss.regression_weight`` throughout."""
+    return 1.0
+
+
+@scaled_to_run
+def linear_decay_weight(t: float) -> float:
+    """The regression term decays linearly to 0 at ``train.max_steps`` (``t = step / max_steps``)."""
+    return max(0.0, 1.0 - t)
+
+
+# the regression term's weight over training, as a factor of loss.regression_weight
+REGRESSION_SCHEDULES = {"constant": constant_weight, "linear_decay": linear_decay_weight}
 
 
 def bank_folder(path: Optional[str], spec: BankSpec) -> Path:

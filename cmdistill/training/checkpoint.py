@@ -20,7 +20,6 @@ Nothing here uses accelerate's ``register_for_checkpointing``: it reloads with `
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import make_readable
+from ..files import fsync_dir, fsync_file, make_readable, sha256_file
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 FORMAT = 1
@@ -74,50 +73,11 @@ def resolve_resume(arg: str, output_dir: Path) -> Path:
 # --------------------------------------------------------------------------- integrity
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _write_manifest(folder: Path, step: int) -> None:
     files = {}
     for f in sorted(folder.rglob("*")):
         if f.is_file() and f.name != MANIFEST:
-            files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     manifest = {"format": FORMAT, "step": step, "files": files}
     with open(folder / MANIFEST, "w") as fh:
         json.dump(manifest, fh, indent=1)
@@ -154,7 +114,7 @@ def verify_checkpoint(path: Path, modules: tuple[str, ...] = (), num_processes: 
         size = f.stat().st_size
         if size != meta["bytes"]:
             raise CheckpointError(f"{where} is corrupt or truncated: {name} has {size} bytes, expected {meta['bytes']}")
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             raise CheckpointError(f"{where} is corrupt: {name} does not match its checksum")
     return manifest
 
@@ -210,16 +170,16 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, recipe_yaml: str, ke
         make_readable(tmp)  # safetensors writes 0600; every file of a run is 0644 (umask permitting)
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync_file(f)
+                fsync_file(f)
         _write_manifest(tmp, step)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (resumed from an older checkpoint): the old copy goes
             _remove_tree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         for old in list_checkpoints(ckpt_dir)[:-keep]:
             _remove_tree(old)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     accelerator.wait_for_everyone()
     return final
 

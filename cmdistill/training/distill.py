@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..config import ConfigError, Recipe
 from ..core.cd_step import cd_loss
 from ..core.consistency import make_student, make_target, update_target
+from ..core.guidance import attach_guidance, guided_teacher, null_class
 from ..core.losses import get_weighting, make_distance
 from ..core.sampling import sample_consistency
 from ..core.schedules import SUBSTEP_SCHEDULES, PairSchedule
@@ -44,7 +45,7 @@ def build_models(recipe: Recipe, device):
                           f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
     student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
                            sc.parametrization).to(device)
-    attach_guidance(student, recipe)
+    guidance_of(recipe, teacher, student)
     teacher.net.to(DTYPES[recipe.teacher.dtype])  # no gradients flow through the teacher
     target = make_target(student)
     ema = make_eval_ema(student, sc.ema_decay, sc.ema_update_after_step, sc.ema_power).to(device)
@@ -84,40 +85,30 @@ def build_pairs(recipe: Recipe, teacher, student) -> PairSchedule:
     return pairs
 
 
-def attach_guidance(student, recipe: Recipe) -> None:
-    """What the student knows of guidance, set before the target and EMA are copied from it: with
-    ``guidance.w_min``/``w_max`` a zero-started :class:`~cmdistill.core.guidance.GuidanceEmbedding` (w is an input,
-    ``guidance.scale`` its default); else a fixed ``guidance.scale`` other than 1 built in."""
-    from ..core.guidance import GuidanceEmbedding
-
+def guidance_of(recipe: Recipe, teacher, student=None):
+    """The recipe's ``guidance`` section applied through :mod:`cmdistill.core.guidance`: the teacher the ODE pairs
+    come from (classifier-free guidance at ``guidance.scale``, per sample when w is drawn from ``[w_min, w_max]``;
+    the teacher itself at a fixed scale of 1), and, given a ``student``, what it learns of w
+    (:func:`~cmdistill.core.guidance.attach_guidance`). A recipe that does not fit the teacher is one
+    :class:`ConfigError` line."""
     gc = recipe.guidance
-    if gc.w_min is not None:
-        try:
-            student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
-        except ValueError as e:  # a network without a diffusers time embedding to add w to
-            raise ConfigError(f"'guidance.w_min'/'w_max' need a w embedding: {e}") from None
-        student.guidance_range = (float(gc.w_min), float(gc.w_max))
-    if gc.w_min is not None or gc.scale != 1.0:
-        student.guidance_scale = float(gc.scale)
-
-
-def guided_teacher(recipe: Recipe, teacher):
-    """The teacher with classifier-free guidance at ``guidance.scale`` (LCM's guided distillation; per sample when
-    w is drawn from ``[w_min, w_max]``), or the teacher itself at a fixed scale of 1."""
-    from ..core.guidance import GuidedDenoiser
-
-    gc = recipe.guidance
-    if gc.scale == 1.0 and gc.w_min is None:
-        return teacher
-    n = num_class_embeds(teacher.net)
-    if n is None:
-        what = "'guidance.w_min'/'w_max' are set" if gc.w_min is not None else f"'guidance.scale' is {gc.scale:g}"
+    w_range = None if gc.w_min is None else (gc.w_min, gc.w_max)
+    guided = gc.scale != 1.0 or w_range is not None
+    if guided and num_class_embeds(teacher.net) is None:
+        what = "'guidance.w_min'/'w_max' are set" if w_range else f"'guidance.scale' is {gc.scale:g}"
         raise ConfigError(f"{what} but the teacher {recipe.teacher.path!r} is not class-conditional; set "
                           "guidance.scale to 1 and leave w_min/w_max unset")
-    null = n - 1 if gc.null_class is None else gc.null_class
-    if not 0 <= null < n:
-        raise ConfigError(f"'guidance.null_class' must lie in [0, {n - 1}], got {null}")
-    return GuidedDenoiser(teacher, null, gc.scale)
+    try:
+        null = null_class(teacher.net, gc.null_class) if guided else None
+    except ValueError as e:
+        raise ConfigError(f"'guidance.null_class': {e}") from None
+    if student is not None:
+        try:
+            attach_guidance(student, gc.scale, w_range)
+        except ValueError as e:  # a network without a diffusers time embedding to add w to
+            raise ConfigError(f"'guidance.w_min'/'w_max' need a w embedding: {e}") from None
+    pair_teacher = guided_teacher(teacher, gc.scale, null, per_sample=w_range is not None)
+    return pair_teacher
 
 
 class Distillation:
@@ -134,17 +125,17 @@ class Distillation:
         self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
-        self.pair_teacher = guided_teacher(recipe, self.teacher)  # the teacher the ODE pairs come from
-        n = num_class_embeds(self.teacher.net)
-        # data-free: the bank's x0 are the data (a conditional teacher's classes: all its embeddings but the null one)
-        self.bank = self.load_bank(None, None if n is None else n - 1) if recipe.data.name == "teacher" else None
+        self.pair_teacher = guidance_of(recipe, self.teacher)  # the teacher the ODE pairs come from
+        # data-free: the bank's x0 are the data (a conditional teacher's classes: all its labels below the null one)
+        classes = null_class(self.teacher.net) if num_class_embeds(self.teacher.net) is not None else None
+        self.bank = self.load_bank(None, classes) if recipe.data.name == "teacher" else None
         self.dataset = dataset if dataset is not None else (
             bank_dataset(self.bank) if self.bank is not None else build_data(recipe, self.teacher))
         mean = prior_mean(recipe.student.prior, self.dataset, recipe.data.hflip)  # where 1-step sampling starts
         for fn in (self.student, self.target, self.ema.ema_model):
             fn.prior_mean = None if mean is None else mean.to(device)
         if self.bank is None and recipe.bank.count:
-            self.bank = self.load_bank(mean, None if n is None else num_labels(self.dataset))
+            self.bank = self.load_bank(mean, None if classes is None else num_labels(self.dataset))
         self.distance, self.weighting = build_loss(recipe.loss, device)
         self.pairs = build_pairs(recipe, self.teacher, self.student)
         opt = make_optimizer(self.student.parameters(), recipe.optim)

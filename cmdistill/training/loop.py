@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from ..core.rng import rng_state, set_rng_state
 from ..core.tensors import skip_sync_checks
+from ..files import write_atomic
 from .checkpoint import (clean_stale, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
-                         verify_checkpoint, write_atomic)
+                         verify_checkpoint)
 from .optim import grad_norm
 
 MIXED_PRECISION = ("no", "fp16", "bf16")

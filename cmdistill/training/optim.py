@@ -8,12 +8,15 @@ from typing import Callable
 
 import torch
 
+from ..core.schedules import scaled_to_run
+
 
 def constant_after_warmup(frac: float) -> float:
     """The learning rate as set (CM)."""
     return 1.0
 
 
+@scaled_to_run
 def cosine_after_warmup(frac: float) -> float:
     """Cosine decay from the set learning rate to zero at ``max_steps`` (``frac``: progress after the warm-up)."""
     return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))

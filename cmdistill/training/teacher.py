@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, NoiseConfig, TeacherRecipe, UNetConfig
+from ..core.guidance import null_class
 from ..data import check_fits, make_dataset, num_labels, random_hflip
 from ..images import save_grid
 from .ema import make_eval_ema
@@ -101,6 +102,7 @@ class TeacherTraining:
                               f"{self.num_classes} classes" + (" and the null class of label dropout"
                                                                if tc.label_dropout > 0 else ""))
         unet = make_unet(uc).to(accelerator.device)
+        self.null = null_class(unet) if self.num_classes else None  # the label dropped labels become
         self.scheduler = make_scheduler(recipe.scheduler)
         self.ema = make_eval_ema(unet, tc.ema_decay, 0, tc.ema_power).to(accelerator.device)
         opt = make_optimizer(unet.parameters(), recipe.optim)
@@ -123,8 +125,8 @@ class TeacherTraining:
 
     def loss(self, step: int) -> torch.Tensor:
         """DDPM Algorithm 1 on the next micro-batch; a class-conditional U-Net sees the labels, each replaced by the
-        null class (the last embedding) with probability ``train.label_dropout`` (classifier-free guidance
-        training, Ho & Salimans 2022)."""
+        null class (:func:`~cmdistill.core.guidance.null_class`) with probability ``train.label_dropout``
+        (classifier-free guidance training, Ho & Salimans 2022)."""
         batch = next(self.batches)
         x0 = batch[0].to(self.acc.device)
         x0 = random_hflip(x0, self.flip_gen) if self.recipe.data.hflip else x0
@@ -132,7 +134,7 @@ class TeacherTraining:
         if self.num_classes:
             labels = batch[1]
             drop = torch.rand(labels.shape[0]) < self.recipe.train.label_dropout
-            labels = torch.where(drop, self.recipe.unet.num_class_embeds - 1, labels)
+            labels = torch.where(drop, self.null, labels)
             cond = {"class_labels": labels.to(self.acc.device)}
         return ddpm_loss(self.model, self.scheduler, x0, **cond)
 
