@@ -16,11 +16,31 @@ import click
 from .config import ConfigError, dump_recipe
 
 # Choices shown by --help, written here so that --help imports neither torch nor diffusers (it answers in a fraction
-# of a second); tests/test_cli_help.py checks that they equal the registries they stand for.
+# of a second); tests/test_cli_help.py checks that they equal the registries they stand for. A value is checked
+# against the registry itself (RegistryChoice), so an entry registered from Python is accepted too.
 SOLVER_CHOICES = ("heun", "euler", "ddim")            # cmdistill.core.solvers.SOLVERS
 SPACING_CHOICES = ("trailing", "leading", "linspace")  # cmdistill.core.schedules.TIMESTEP_SPACINGS
 DEFAULT_TEACHER_SPACING = "trailing"                   # cmdistill.core.schedules.DEFAULT_TEACHER_SPACING
 FEATURE_NET_CHOICES = ("inception", "digits")          # cmdistill.evaluation.features.feature_net_names()
+
+
+class RegistryChoice(click.Choice):
+    """A choice among the keys of a registry, read when a value is given (after ``--help`` has been answered): the
+    help lists the built-in names, and any name registered from Python is accepted as well."""
+
+    def __init__(self, shown: tuple[str, ...], registry: str):
+        super().__init__(shown)
+        self.registry = registry  # "module:NAME"
+
+    def convert(self, value, param, ctx):
+        import importlib
+
+        module, name = self.registry.split(":")
+        self.choices = tuple(getattr(importlib.import_module(module), name))
+        return super().convert(value, param, ctx)
+
+
+SOLVER_TYPE = RegistryChoice(SOLVER_CHOICES, "cmdistill.core.solvers:SOLVERS")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -192,7 +212,7 @@ def label_tag(class_label, guidance_scale) -> str:
               help="Saved ConsistencyPipeline folder or run folder (default: the newest */student under ./runs).")
 @click.option("--teacher", default=None, metavar="DIR_OR_ID", show_default=True,
               help="Sample this diffusers teacher instead of a student.")
-@click.option("--sampler", type=click.Choice(SOLVER_CHOICES), default="ddim", show_default=True,
+@click.option("--sampler", type=SOLVER_TYPE, default="ddim", show_default=True,
               help="Teacher ODE sampler (with --teacher).")
 @click.option("--spacing", type=click.Choice(SPACING_CHOICES), default=DEFAULT_TEACHER_SPACING, show_default=True,
               help=SPACING_HELP + " With --teacher.")
@@ -267,7 +287,7 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
               help="FID features (default: eval.feature_net).")
 @click.option("--teacher", default=None, metavar="DIR_OR_ID", show_default=True,
               help="Teacher (default: teacher.path of the run).")
-@click.option("--teacher-sampler", type=click.Choice(SOLVER_CHOICES), default="ddim", show_default=True,
+@click.option("--teacher-sampler", type=SOLVER_TYPE, default="ddim", show_default=True,
               help="ODE sampler of the reference teacher row.")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps of the reference teacher sampler.")

@@ -48,8 +48,9 @@ def find_teacher_layout(folder: Path) -> tuple[Path, Path]:
     return model_dir, sched
 
 
-def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True) -> Denoiser:
-    """Load a diffusers teacher (hub id or local folder, either layout) as an EDM denoiser."""
+def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True, dtype=None) -> Denoiser:
+    """Load a diffusers teacher (hub id or local folder, either layout) as an EDM denoiser, its network's weights
+    in ``dtype`` (``torch_dtype`` of ``from_pretrained``; ``None``: as saved, fp32 for cmdistill's teachers)."""
     import diffusers
 
     folder = _resolve_folder(path_or_id)
@@ -70,7 +71,7 @@ def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True)
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
         raise TeacherLoadError(f"teacher model class {cls_name!r} is not a diffusers model")
     try:
-        net = cls.from_pretrained(model_dir)
+        net = cls.from_pretrained(model_dir, **({"torch_dtype": dtype} if dtype is not None else {}))
     except Exception as e:
         raise TeacherLoadError(f"cannot load teacher weights from {model_dir}: {e}") from e
     net.eval().requires_grad_(False)

@@ -121,14 +121,21 @@ def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_dat
     caps the student's range: where its 1-step sampler starts and the top of its training grid. ``parametrization``
     names how the network's output becomes ``F`` (:mod:`.parametrizations`)."""
     den = copy.deepcopy(teacher)
-    den.net.to(torch.float32)  # fp32 master weights (a half-precision teacher copy would start rounded)
+    den.net.float()  # fp32 master weights; nn.Module.float, which diffusers' ModelMixin.to does not wrap with a warning
     den.requires_grad_(True).train()
     return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale,
                                sigma_max=sigma_max, parametrization=parametrization)
 
 
-def make_target(student: nn.Module) -> nn.Module:
-    """Frozen copy of the student used for ``f_target`` (CM Algorithm 2's ``theta^-``)."""
+def make_target(student: nn.Module, mu: float | None = None) -> nn.Module:
+    """``f_target`` (CM Algorithm 2's ``theta^-``): a frozen copy of the student; with ``mu = 0`` the student itself.
+
+    With ``mu = 0`` the target is set to the online weights after every update (:func:`update_target`), so between
+    updates it always equals the student: evaluating the student under ``no_grad`` with the replayed RNG
+    (:func:`cmdistill.core.cd_step.cd_loss`) is the same arithmetic, with one network fewer in memory.
+    ``mu = None``: always a copy."""
+    if mu == 0:
+        return student
     target = copy.deepcopy(student)
     target.requires_grad_(False)
     return target
@@ -146,9 +153,12 @@ def _pairs(target: nn.Module, online: nn.Module):
 def update_target(target: nn.Module, online: nn.Module, mu: float) -> None:
     """CM Algorithm 2, last line: ``theta^- <- stopgrad(mu theta^- + (1 - mu) theta)`` with fused foreach ops.
 
-    ``mu = 0`` copies the online weights exactly (a stop-gradient copy, as CM's CIFAR-10 CD and iCT use).
-    Buffers are copied as they are.
+    ``mu = 0`` copies the online weights exactly (a stop-gradient copy, as CM's CIFAR-10 CD and iCT use); a target
+    that is the online network itself (:func:`make_target` with ``mu = 0``) has nothing to update. Buffers are
+    copied as they are.
     """
+    if target is online:
+        return
     t_params, o_params = _pairs(target, online)
     if mu == 0.0:
         torch._foreach_copy_(t_params, o_params)

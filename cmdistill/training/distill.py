@@ -36,9 +36,11 @@ from .speed import configure_networks
 def build_models(recipe: Recipe, device):
     """Teacher adapter, student (copy of the teacher network + boundary condition), target and evaluation EMA.
 
-    The student is copied from the teacher *before* the teacher is cast to ``teacher.dtype``, so it starts from the
-    teacher's full-precision weights, and trains in fp32 master weights."""
-    teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind).to(device)
+    The student is copied from the teacher loaded in fp32, so it starts from the teacher's full-precision weights and
+    trains in fp32 master weights; a teacher of another ``teacher.dtype`` is then loaded in that dtype
+    (``from_pretrained(torch_dtype=...)``, which keeps the modules a model marks as fp32 in fp32; casting with
+    ``to()`` would not)."""
+    teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind).to(device)  # fp32: the student's start
     sc = recipe.student
     if sc.sigma_max is not None and not teacher.sigma_min < sc.sigma_max <= teacher.sigma_max:
         raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
@@ -46,8 +48,9 @@ def build_models(recipe: Recipe, device):
     student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
                            sc.parametrization).to(device)
     guidance_of(recipe, teacher, student)
-    teacher.net.to(DTYPES[recipe.teacher.dtype])  # no gradients flow through the teacher
-    target = make_target(student)
+    if DTYPES[recipe.teacher.dtype] != torch.float32:  # no gradients flow through the teacher: loaded in its dtype
+        teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind, dtype=DTYPES[recipe.teacher.dtype]).to(device)
+    target = make_target(student, sc.target_decay)  # mu = 0: the student itself (one network fewer)
     ema = make_eval_ema(student, sc.ema_decay, sc.ema_update_after_step, sc.ema_power).to(device)
     return teacher, student, target, ema
 
@@ -116,7 +119,7 @@ class Distillation:
     benchmark feeds random images through the very same step)."""
 
     name = "distill"
-    CHECKPOINT_MODULES = ("target", "ema")
+    CHECKPOINT_MODULES = ("ema",)  # and "target", saved when it is a network of its own (target_decay > 0)
     OUTPUTS = ("student",)
 
     def __init__(self, recipe: Recipe, accelerator, dataset: Dataset | None = None):
@@ -142,7 +145,7 @@ class Distillation:
         self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
         self.model, self.optimizer = accelerator.prepare(self.student, opt)
         self.flip_gen = torch.Generator().manual_seed(tc.seed + 1 + accelerator.process_index)
-        self.modules = {"target": self.target, "ema": self.ema}
+        self.modules = {"ema": self.ema} if self.target is self.student else {"target": self.target, "ema": self.ema}
         self.generators = {"flip": self.flip_gen}
         c, h, w = image_shape(self.teacher.net)
         self.sample_noise = torch.randn(tc.num_sample_images, c, h, w,
@@ -282,7 +285,7 @@ class Distillation:
         self.ema.update()
 
     def finite_modules(self):
-        return self.student, self.target, self.ema
+        return (self.student, self.ema) if self.target is self.student else (self.student, self.target, self.ema)
 
     @torch.no_grad()
     def save_samples(self, path: Path) -> None:

@@ -36,9 +36,8 @@ from ..files import write_atomic
 from .checkpoint import (clean_stale, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
                          verify_checkpoint)
 from .optim import grad_norm
+from .recipe_rules import TRAINING_RULES
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-NONFINITE_MODES = ("stop", "skip")
 RUN_SUBFOLDERS = ("checkpoints", "samples", "logs")
 # recipe keys that may change on --resume without a warning (they do not change the numbers)
 RESUME_FREE_KEYS = {"train.output_dir", "train.max_steps", "train.log_every", "train.sample_every",
@@ -150,17 +149,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def recipe_changes(ckpt_recipe_yaml: str, recipe_yaml: str) -> list[str]:
-    """``key: old -> new`` for recipe values that differ from the checkpoint's (and change the numbers)."""
+    """``key: old -> new`` for recipe values that differ from the checkpoint's (and change the numbers).
+    ``train.max_steps`` is free unless a chosen schedule is scaled to it (:func:`cmdistill.config.run_length_keys`,
+    read from the schedule registries): then the change is listed with the schedules it rescales."""
+    from ..config import run_length_keys
+
     try:
-        old = _flatten(yaml.safe_load(ckpt_recipe_yaml) or {})
+        old_tree = yaml.safe_load(ckpt_recipe_yaml) or {}
     except yaml.YAMLError:
         return ["the checkpoint's recipe.yaml is unreadable"]
-    new = _flatten(yaml.safe_load(recipe_yaml))
-    free = set(RESUME_FREE_KEYS)
-    if new.get("schedule.curriculum", "constant") != "constant" or new.get("optim.lr_schedule") != "constant":
-        free.discard("train.max_steps")  # an N curriculum or a cosine LR is scaled to max_steps
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in free and not k.startswith(("eval.", "train.on_nonfinite")) and old.get(k) != new.get(k)]
+    old, new_tree = _flatten(old_tree), yaml.safe_load(recipe_yaml)
+    new = _flatten(new_tree)
+    scaled = sorted({*run_length_keys(old_tree, (TRAINING_RULES,)), *run_length_keys(new_tree, (TRAINING_RULES,))})
+    free = set(RESUME_FREE_KEYS) - ({"train.max_steps"} if scaled else set())
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if k not in free and not k.startswith(("eval.", "train.on_nonfinite")) and old.get(k) != new.get(k)]
+    return [c + (f" (rescales {', '.join(f'{k} ({new.get(k)})' for k in scaled)} for the steps to come)"
+                 if c.startswith("train.max_steps:") else "") for c in changes]
 
 
 # --------------------------------------------------------------------------- processes
@@ -337,8 +342,10 @@ def start_data(task: Task, recipe, accelerator, step: int) -> None:
 def optimizer_step(accelerator, task: Task, step: int, grad_accum: int, clip: float | None,
                    guard: NonFiniteGuard, check_grads: bool) -> tuple[torch.Tensor, bool]:
     """``grad_accum`` micro-batches of ``task.loss``, then clip, check and (when finite) apply the gradients and
-    ``task.after_update``. Returns the summed loss (on the device: no host sync) and whether the step was applied.
-    The training loop and ``benchmarks/bench_step.py`` both run exactly this."""
+    ``task.after_update``. Returns the summed loss (on the device: no host sync) and whether the step was applied:
+    not when the guard refused it, nor when fp16's grad scaler skipped it for overflowing gradients
+    (``accelerator.optimizer_step_was_skipped``), so the target, the evaluation EMA and the LR schedule advance
+    only with the weights. The training loop and ``benchmarks/bench_step.py`` both run exactly this."""
     step_loss = torch.zeros((), device=accelerator.device)
     for _ in range(grad_accum):
         with accelerator.accumulate(task.model), accelerator.autocast(), skip_sync_checks():
@@ -351,6 +358,7 @@ def optimizer_step(accelerator, task: Task, step: int, grad_accum: int, clip: fl
     ok = guard.step_ok(step_loss, norm if check_grads else None, step + 1)
     if ok:
         task.optimizer.step()
+        ok = not accelerator.optimizer_step_was_skipped  # fp16: the grad scaler found inf/NaN gradients
     task.optimizer.zero_grad(set_to_none=True)
     if ok:  # a real optimiser step: target, EMA and LR follow
         task.after_update()
@@ -457,7 +465,7 @@ def run_steps(accelerator, task: Task, recipe, state: TrainState, out: Path, rec
     tc = recipe.train
     ckpt_dir, device = out / "checkpoints", accelerator.device
     guard = NonFiniteGuard(tc.on_nonfinite, accelerator)
-    check_grads = tc.mixed_precision != "fp16"  # fp16: gradient overflow is the grad scaler's to skip
+    check_grads = accelerator.scaler is None  # fp16 with a grad scaler: overflowing gradients are its to skip
     bar = tqdm(total=tc.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                desc=task.name, dynamic_ncols=True)
     loss_sum, loss_n, t_last, imgs_last = torch.zeros((), device=device), 0, time.perf_counter(), 0
@@ -471,9 +479,12 @@ def run_steps(accelerator, task: Task, recipe, state: TrainState, out: Path, rec
                 loss_n += tc.grad_accum
             else:
                 state.skipped += 1
+                why = ("fp16 gradients overflowed at step {}; the grad scaler skipped the step ({} skipped so far; "
+                       "target, EMA and LR held)" if accelerator.optimizer_step_was_skipped else
+                       "non-finite loss or gradient at step {}; step skipped (train.on_nonfinite=skip, {} skipped "
+                       "so far)")
                 if accelerator.is_main_process:
-                    bar.write(f"cmdistill: warning: non-finite loss or gradient at step {state.step + 1}; step "
-                              f"skipped (train.on_nonfinite=skip, {state.skipped} skipped so far)", file=sys.stderr)
+                    bar.write(f"cmdistill: warning: {why.format(state.step + 1, state.skipped)}", file=sys.stderr)
             state.step += 1
             bar.update(1)
             imgs_last += tc.batch_size

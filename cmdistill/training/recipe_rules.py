@@ -6,8 +6,10 @@ from __future__ import annotations
 from ..config import ConfigError, Recipe, RecipeRules
 from ..core.solvers import SOLVERS
 from .bank import BANK_STARTS, REGRESSION_SCHEDULES
-from .loop import MIXED_PRECISION, NONFINITE_MODES
 from .optim import LR_SCHEDULES, OPTIMIZERS
+
+MIXED_PRECISION = ("no", "fp16", "bf16")   # accelerate's mixed_precision values the loop runs
+NONFINITE_MODES = ("stop", "skip")         # train.on_nonfinite: the loop's NonFiniteGuard
 
 
 def training_registries() -> dict:

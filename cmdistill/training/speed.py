@@ -42,7 +42,7 @@ def configure_networks(teacher, student, target, *, channels_last: bool = False,
 
     Call before ``accelerator.prepare`` (so DDP wraps the configured student); the evaluation EMA is left alone.
     """
-    nets = [teacher.net, student.denoiser.net, target.denoiser.net]
+    nets = list({id(n): n for n in (teacher.net, student.denoiser.net, target.denoiser.net)}.values())
     if gradient_checkpointing:
         if not getattr(student.denoiser.net, "_supports_gradient_checkpointing", False):
             raise ValueError(f"{type(student.denoiser.net).__name__} does not support gradient checkpointing")
