@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..core.rng import rng_state, set_rng_state
 from ..core.tensors import skip_sync_checks
 from ..files import write_atomic
+from ..machine import fingerprint_line, machine_fingerprint
 from .checkpoint import (clean_stale, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
                          verify_checkpoint)
 from .optim import grad_norm
@@ -425,7 +426,8 @@ def train(recipe, task_cls, export: Callable[[Task, Path], Path], resume: str | 
         for line in task.describe() + [
                 f"training: steps {state.step} -> {tc.max_steps}, batch {tc.batch_size}"
                 + (f" ({tc.grad_accum} accumulation steps)" if tc.grad_accum > 1 else "")
-                + f", {where}, mixed precision {tc.mixed_precision}", f"output: {out}"]:
+                + f", {where}, mixed precision {tc.mixed_precision}",
+                fingerprint_line(machine_fingerprint(accelerator.device)), f"output: {out}"]:
             print(f"{task.name}: {line}")
     if has_tensorboard():  # a resumed run drops what the log holds beyond its checkpoint (purge_step)
         accelerator.init_trackers(task.name, init_kwargs={"tensorboard": {"purge_step": state.step + 1}}
