@@ -250,10 +250,11 @@ def test_pipeline_without_a_boundary_key_uses_the_default(tmp_path):
     from diffusers import DDPMScheduler
 
     from cmdistill.core.denoisers import DDPMDenoiser
-    from cmdistill.export.pipeline import ConsistencyPipeline
+    from cmdistill.export.pipeline import ConsistencyConfig, ConsistencyPipeline
 
     den = DDPMDenoiser(tiny_unet(), dict(DDPMScheduler(num_train_timesteps=1000).config))
-    pipe = ConsistencyPipeline(unet=den.net, adapter=den.adapter_config(), consistency={})
+    pipe = ConsistencyPipeline(unet=den.net, consistency_config=ConsistencyConfig(adapter=den.adapter_config(),
+                                                                                  consistency={}))
     assert pipe.consistency_function.boundary == "lcm"
 
 

@@ -36,7 +36,7 @@ def test_save_load_round_trip_is_identical(param, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "student")
     loaded = ConsistencyPipeline.from_pretrained(tmp_path / "student")
-    assert loaded.config.consistency["parametrization"] == param
+    assert loaded.consistency_config.config.consistency["parametrization"] == param
     assert loaded.consistency_function.parametrization == param
     for steps in (1, 2):
         kw = dict(batch_size=3, num_inference_steps=steps, output_type="latent")

@@ -48,20 +48,26 @@ def run(p, steps, seed=0, **kw):
     return p(batch_size=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kw).images
 
 
-def test_save_writes_model_index_and_safetensors(saved, student):
+def test_save_writes_model_index_config_and_safetensors(saved, student):
+    """model_index.json names the components; the sampling configuration is a component of its own, saved in its
+    subfolder as a scheduler's is."""
     assert (saved / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(saved.rglob("*.bin"))
     index = json.loads((saved / "model_index.json").read_text())
     assert index["_class_name"] == "ConsistencyPipeline"
     assert index["unet"] == ["diffusers", "UNet2DModel"]
-    sched = index["adapter"]["scheduler"]
-    assert index["adapter"]["kind"] == "ddpm"
+    assert index["consistency_config"] == ["cmdistill.export.pipeline", "ConsistencyConfig"]
+    assert not {"adapter", "consistency", "multistep_sigmas"} & set(index)
+    config = json.loads((saved / "consistency_config" / "consistency_config.json").read_text())
+    assert config["_class_name"] == "ConsistencyConfig"
+    sched = config["adapter"]["scheduler"]
+    assert config["adapter"]["kind"] == "ddpm"
     assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"]) == (1e-4, 0.02, "linear")
     assert sched["prediction_type"] == "epsilon" and sched["num_train_timesteps"] == 1000
-    cc = index["consistency"]
+    cc = config["consistency"]
     assert cc["sigma_min"] == student.sigma_min and cc["sigma_max"] == student.sigma_max
     assert cc["sigma_data"] == 0.5 and cc["boundary"] == "lcm"  # the one default (core.consistency)
-    assert index["multistep_sigmas"]["4"] == SIGMAS4
+    assert config["multistep_sigmas"]["4"] == SIGMAS4
 
 
 @pytest.mark.parametrize("steps", [1, 4])

@@ -45,7 +45,7 @@ def test_distilled_student_samples_from_its_own_sigma_max(tmp_path, tiny_teacher
         args += ["--set", s]
     res = CliRunner().invoke(main, [a if a != "-" else str(_empty(tmp_path)) for a in args])
     assert res.exit_code == 0, res.output
-    cfg = json.loads((out / "student" / "model_index.json").read_text())
+    cfg = json.loads((out / "student" / "consistency_config" / "consistency_config.json").read_text())
     assert cfg["consistency"]["sigma_max"] == 5.0
     assert all(max(s) <= 5.0 for s in cfg["multistep_sigmas"].values())
     res = CliRunner().invoke(main, args[:1] + [str(_empty(tmp_path)), "-o", str(tmp_path / "bad"), "--steps", "1",

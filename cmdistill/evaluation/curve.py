@@ -113,7 +113,7 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
     feature_net = ec.feature_net if feature_net is None else feature_net
     meter = FIDMeter(feature_net, device, batch_size, [Path(run.teacher_path) / "classifier"]).add_real(run.real)
     fn = student_template(run)
-    stored = run.pipe.config.multistep_sigmas if run.pipe is not None else {}
+    stored = run.pipe.multistep_sigmas if run.pipe is not None else {}
     curve = {"run_dir": str(run_dir), "num_samples": num, "seed": seed, "feature_net": str(feature_net),
              "steps": list(steps), "checkpoints": [], "reference": reference_lines(run_dir)}
     for ckpt in ckpts:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING
 from ..core.tensors import image_shape, num_class_embeds
-from ..export.pipeline import ConsistencyPipeline, check_student_folder
+from ..export.pipeline import ConsistencyPipeline, check_student_folder, config_file
 from ..images import save_grid, save_png, to_uint8
 
 RUNS_ROOT = Path("runs")
@@ -31,13 +31,15 @@ class SampleError(RuntimeError):
 
 
 def find_latest_student(root: str | Path = RUNS_ROOT) -> Path:
-    """The ``student`` folder (a saved ConsistencyPipeline) under ``root`` whose ``model_index.json`` is newest."""
+    """The ``student`` folder (a saved ConsistencyPipeline) under ``root`` written last (its ``model_index.json`` or
+    its sampling configuration, which a sigma search rewrites)."""
     root = Path(root)
     found = [p.parent for p in root.glob("**/student/model_index.json")] if root.is_dir() else []
     if not found:
         raise SampleError(f"no distilled student found under ./{root} (run `cmdistill distill` first, "
                           "or pass --student DIR)")
-    return max(found, key=lambda p: (p / "model_index.json").stat().st_mtime)
+    return max(found, key=lambda p: max(f.stat().st_mtime for f in (p / "model_index.json", config_file(p))
+                                        if f.exists()))
 
 
 def load_student(folder: str | Path, device=None, dtype: torch.dtype | None = None):

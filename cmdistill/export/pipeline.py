@@ -1,15 +1,19 @@
 """``ConsistencyPipeline``: a scheduler-free diffusers pipeline around a distilled student U-Net.
 
-Its only component is the student network; its config holds everything sampling needs: the teacher
-adapter (kind + noise table / beta config + prediction type), the boundary condition (sigma_min,
-sigma_max, sigma_data) and the default multistep sigmas. Needs neither accelerate nor cmdistill's
-training code.
+Its components are the student network (``unet/``), a :class:`ConsistencyConfig` (``consistency_config/``, saved
+the way a scheduler is) that holds everything sampling needs -- the teacher adapter (kind + noise table / beta
+config + prediction type), the boundary condition (sigma_min, sigma_max, sigma_data) and the default multistep
+sigmas -- and, for a student distilled for a range of guidance scales, its guidance embedding
+(``guidance_embedding/``). So ``ConsistencyPipeline(**pipe.components)`` and ``from_pipe`` rebuild the same
+pipeline, as in diffusers. Needs neither accelerate nor cmdistill's training code.
 
 Loading: ``ConsistencyPipeline.from_pretrained(dir_or_hub_id)``. diffusers' own
 ``DiffusionPipeline.from_pretrained(dir)`` resolves ``model_index.json``'s ``_class_name`` with
 ``getattr(diffusers, "ConsistencyPipeline")``, which raises ``AttributeError`` for a class diffusers does not
 ship; importing cmdistill registers the class on the ``diffusers`` module (:func:`register_with_diffusers`), so
-after ``import cmdistill`` that call returns a ``ConsistencyPipeline`` too, with no remote code.
+after ``import cmdistill`` that call returns a ``ConsistencyPipeline`` too, with no remote code. Its own components
+(:class:`ConsistencyConfig`, :class:`GuidanceEmbeddingModel`) are recorded in ``model_index.json`` under this
+module's path (``["cmdistill.export.pipeline", "ConsistencyConfig"]``), which diffusers imports to load them.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
+from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction
@@ -41,8 +46,9 @@ class StudentLoadError(ValueError):
 
 def check_student_folder(folder: str | os.PathLike) -> Path:
     """One-line :class:`StudentLoadError` unless ``folder`` holds a ConsistencyPipeline: a ``model_index.json``
-    that is JSON, names this class and a ``unet``, and a ``unet/`` subfolder. A run folder is pointed to its
-    ``student/``."""
+    that is JSON, names this class and a ``unet``, a ``unet/`` subfolder and the sampling configuration
+    (:func:`config_file`, or the keys of a pre-component folder, :data:`LEGACY_KEYS`). A run folder is pointed to
+    its ``student/``."""
     folder = Path(os.path.expanduser(str(folder)))
     index = folder / "model_index.json"
     if not folder.is_dir():
@@ -64,7 +70,48 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
                                "(a cmdistill student)")
     if "unet" not in cfg or not (folder / "unet").is_dir():
         raise StudentLoadError(f"{folder} is incomplete: no unet/ subfolder")
+    if not config_file(folder).is_file() and "adapter" not in cfg:
+        raise StudentLoadError(f"{folder} is incomplete: no {config_file(folder).relative_to(folder)}")
     return folder
+
+
+class ConsistencyConfig(SchedulerMixin, ConfigMixin):
+    """What a consistency model samples with besides its networks, as a pipeline component (the role a scheduler
+    plays in diffusers' pipelines; CM Algorithm 1 needs no scheduler): the teacher ``adapter`` (``kind`` and the
+    teacher's ``scheduler`` config: its noise table and prediction type), the ``consistency`` function's settings
+    (boundary condition, sigma_min, sigma_max, sigma_data, parametrisation, guidance) and the default
+    ``multistep_sigmas`` (``{"steps": [sigma, ...]}``). Saved as ``consistency_config/consistency_config.json``
+    (``save_pretrained``/``from_pretrained`` of diffusers' ``SchedulerMixin``, which the pipeline loader knows how to
+    call); ``model_index.json`` records it under this module's path, found once cmdistill is imported."""
+
+    config_name = "consistency_config.json"
+
+    @register_to_config
+    def __init__(self, adapter: dict, consistency: Optional[dict] = None, multistep_sigmas: Optional[dict] = None):
+        self.register_to_config(consistency=dict(consistency or {}), multistep_sigmas=sigma_table(multistep_sigmas))
+
+
+def sigma_table(table: Optional[dict]) -> dict[str, list[float]]:
+    """A ``{steps: sigmas}`` table as JSON keeps it: ``{"2": [float, float], ...}`` in order of steps."""
+    return {str(int(k)): [float(s) for s in v] for k, v in sorted((table or {}).items(), key=lambda kv: int(kv[0]))}
+
+
+def config_file(folder: str | os.PathLike) -> Path:
+    """Where a student folder keeps its :class:`ConsistencyConfig` (the component's subfolder, as a scheduler's)."""
+    return Path(folder) / "consistency_config" / ConsistencyConfig.config_name
+
+
+# where a folder saved before the configuration was a component kept it: in model_index.json
+LEGACY_KEYS = ("adapter", "consistency", "multistep_sigmas")
+
+
+def legacy_config(folder: Path) -> Optional[ConsistencyConfig]:
+    """The :class:`ConsistencyConfig` of a student folder saved in the old layout (:data:`LEGACY_KEYS` in
+    ``model_index.json``, no ``consistency_config/``); ``None`` for any other folder."""
+    if not folder.is_dir() or config_file(folder).is_file():
+        return None
+    index = json.loads((folder / "model_index.json").read_text())
+    return ConsistencyConfig(**{k: index[k] for k in LEGACY_KEYS if k in index}) if "adapter" in index else None
 
 
 class GuidanceEmbeddingModel(ModelMixin, ConfigMixin):
@@ -89,6 +136,23 @@ class GuidanceEmbeddingModel(ModelMixin, ConfigMixin):
         return self.embedding(w)
 
 
+class StepCounted:
+    """``f`` that advances a progress bar by one step per call (one network evaluation of CM Algorithm 1), so that
+    :func:`~cmdistill.core.sampling.sample_consistency` drives diffusers' ``progress_bar``; the rest of ``f``
+    (``sigma_min``, ``prior_mean``) reads through."""
+
+    def __init__(self, f, bar):
+        self.f, self.bar = f, bar
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.f(*args, **kwargs)
+        self.bar.update(1)
+        return out
+
+
 class ConsistencyPipeline(DiffusionPipeline):
     """One- or few-step sampling with a consistency model (CM Algorithm 1).
 
@@ -99,24 +163,25 @@ class ConsistencyPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _optional_components = ["guidance_embedding"]
 
-    def __init__(self, unet, adapter: Optional[dict] = None, consistency: Optional[dict] = None,
-                 multistep_sigmas: Optional[dict] = None, guidance_embedding: Optional[GuidanceEmbeddingModel] = None):
+    def __init__(self, unet: UNet2DModel, consistency_config: ConsistencyConfig,
+                 guidance_embedding: Optional[GuidanceEmbeddingModel] = None):
         super().__init__()
-        self.register_modules(unet=unet, guidance_embedding=guidance_embedding)
-        self.register_to_config(adapter=adapter or {"kind": "ddpm", "scheduler": {}},
-                                consistency=consistency or {},
-                                multistep_sigmas={str(k): [float(s) for s in v]
-                                                  for k, v in (multistep_sigmas or {}).items()})
-        self._fn_cache: tuple[int, ConsistencyFunction] | None = None
+        self.register_modules(unet=unet, consistency_config=consistency_config, guidance_embedding=guidance_embedding)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader, after a check of a local folder that gives one clear line
-        (:class:`StudentLoadError`) for a missing, empty, corrupt or foreign folder. Hub ids load as in diffusers."""
-        p = Path(os.path.expanduser(str(pretrained_model_name_or_path)))
+        (:class:`StudentLoadError`) for a missing, empty, corrupt or foreign folder; a folder saved before the
+        configuration was a component (:func:`legacy_config`) loads too. Hub ids load as in diffusers."""
+        p, legacy = Path(os.path.expanduser(str(pretrained_model_name_or_path))), None
         if p.exists() or str(pretrained_model_name_or_path).startswith((".", "/", "~")) \
                 or str(pretrained_model_name_or_path).count("/") != 1:
             check_student_folder(p)
+            legacy = None if "consistency_config" in kwargs else legacy_config(p)
+        verbosity = diffusers_logging.get_verbosity()
+        if legacy is not None:  # diffusers would warn that the old keys, read into `legacy`, are ignored
+            kwargs["consistency_config"] = legacy
+            diffusers_logging.set_verbosity(max(verbosity, diffusers_logging.ERROR))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -124,42 +189,61 @@ class ConsistencyPipeline(DiffusionPipeline):
                 raise
             msg = " ".join(str(e).split())[:300]
             raise StudentLoadError(f"cannot load the student in {p}: {type(e).__name__}: {msg}") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
 
     @classmethod
     def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None):
         """Build from a trained :class:`ConsistencyFunction` (its network and guidance embedding are shared, not
         copied)."""
         emb = student.guidance_embedding
-        return cls(unet=student.denoiser.net, adapter=student.denoiser.adapter_config(),
-                   consistency=student.consistency_config(), multistep_sigmas=multistep_sigmas,
+        config = ConsistencyConfig(adapter=student.denoiser.adapter_config(), consistency=student.consistency_config(),
+                                   multistep_sigmas=multistep_sigmas)
+        return cls(unet=student.denoiser.net, consistency_config=config,
                    guidance_embedding=None if emb is None else GuidanceEmbeddingModel.wrap(emb))
+
+    def _components_now(self) -> tuple:
+        """What :attr:`consistency_function` is built from: the components and the config's current (frozen) dict,
+        which ``register_to_config`` replaces."""
+        return self.unet, self.guidance_embedding, self.consistency_config, self.consistency_config.config
 
     @property
     def consistency_function(self) -> ConsistencyFunction:
-        """The student ``f(x, sigma)`` in EDM space, rebuilt around ``self.unet`` from the config."""
-        if self._fn_cache is None or self._fn_cache[0] != id(self.unet):
-            ad, cc = self.config.adapter, dict(self.config.consistency)
-            den = build_denoiser(self.unet, ad["scheduler"], ad["kind"], strict_range=False)
-            fn = ConsistencyFunction(den, boundary=cc.get("boundary", DEFAULT_BOUNDARY), sigma_min=cc.get("sigma_min"),
-                                     sigma_data=cc.get("sigma_data", 0.5),
-                                     boundary_scale=cc.get("boundary_scale", 10.0),
-                                     parametrization=cc.get("parametrization", DEFAULT_PARAMETRIZATION))
-            if "sigma_max" in cc:
-                fn.sigma_max = float(cc["sigma_max"])
-            fn.guidance_scale = cc.get("guidance_scale")
-            if getattr(self, "guidance_embedding", None) is not None:
-                fn.guidance_embedding = self.guidance_embedding.embedding
-                fn.guidance_range = tuple(float(w) for w in cc.get("guidance_range", (fn.guidance_scale,) * 2))
-            if cc.get("prior_mean") is not None:
-                fn.prior_mean = torch.tensor(cc["prior_mean"], dtype=torch.float32)
-            self._fn_cache = (id(self.unet), fn)
+        """The student ``f(x, sigma)`` in EDM space around the current ``unet`` and ``guidance_embedding``, from the
+        current ``consistency_config``; rebuilt (about 0.1-0.3 ms) whenever any of them was replaced."""
+        key = self._components_now()
+        cached = getattr(self, "_fn_cache", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            self._fn_cache = (key, self._build_consistency_function())
         return self._fn_cache[1]
+
+    def _build_consistency_function(self) -> ConsistencyFunction:
+        """CM eq. 5's ``f`` from the components: the adapter around ``unet``, the boundary condition and guidance."""
+        ad, cc = self.consistency_config.config.adapter, dict(self.consistency_config.config.consistency)
+        den = build_denoiser(self.unet, ad["scheduler"], ad["kind"], strict_range=False)
+        fn = ConsistencyFunction(den, boundary=cc.get("boundary", DEFAULT_BOUNDARY), sigma_min=cc.get("sigma_min"),
+                                 sigma_data=cc.get("sigma_data", 0.5), boundary_scale=cc.get("boundary_scale", 10.0),
+                                 parametrization=cc.get("parametrization", DEFAULT_PARAMETRIZATION))
+        if "sigma_max" in cc:
+            fn.sigma_max = float(cc["sigma_max"])
+        fn.guidance_scale = cc.get("guidance_scale")
+        if self.guidance_embedding is not None:
+            fn.guidance_embedding = self.guidance_embedding.embedding
+            fn.guidance_range = tuple(float(w) for w in cc.get("guidance_range", (fn.guidance_scale,) * 2))
+        if cc.get("prior_mean") is not None:
+            fn.prior_mean = torch.tensor(cc["prior_mean"], dtype=torch.float32)
+        return fn
 
     # ------------------------------------------------------------------ sigmas
 
+    @property
+    def multistep_sigmas(self) -> dict[str, list[float]]:
+        """The stored ``{"steps": sigmas}`` table of the ``consistency_config`` component."""
+        return dict(self.consistency_config.config.multistep_sigmas or {})
+
     def sigmas_for(self, steps: int) -> list[float]:
         """The stored multistep sigmas for ``steps``, else the default schedule."""
-        stored = self.config.multistep_sigmas or {}
+        stored = self.multistep_sigmas
         if str(steps) in stored:
             return [float(s) for s in stored[str(steps)]]
         fn = self.consistency_function
@@ -178,15 +262,16 @@ class ConsistencyPipeline(DiffusionPipeline):
         return sigmas
 
     def set_multistep_sigmas(self, table: dict) -> None:
-        """Replace the stored ``{steps: sigmas}`` table (e.g. after ``cmdistill evaluate --search-sigmas``);
-        ``save_pretrained`` then writes it to ``model_index.json``."""
-        merged = dict(self.config.multistep_sigmas or {})
+        """Replace the stored ``{steps: sigmas}`` table (e.g. after ``cmdistill evaluate --search-sigmas``) in the
+        ``consistency_config`` component (shared with pipelines built from this one's components, as diffusers
+        shares a scheduler); ``save_pretrained`` then writes it to ``consistency_config/consistency_config.json``."""
+        merged = self.multistep_sigmas
         for k, v in table.items():
             sig = self.check_sigmas(v)
             if len(sig) != int(k):
                 raise ValueError(f"{k}-step sigmas must hold {k} values, got {sig}")
             merged[str(int(k))] = sig
-        self.register_to_config(multistep_sigmas=dict(sorted(merged.items(), key=lambda kv: int(kv[0]))))
+        self.consistency_config.register_to_config(multistep_sigmas=sigma_table(merged))
 
     # ------------------------------------------------------------------ sampling
 
@@ -261,6 +346,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         ``None`` for an unconditional student. ``guidance_scale``: the teacher's classifier-free guidance scale
         ``w``. A student distilled at one ``w`` has it built in and refuses any other; a student distilled for a range
         of ``w`` (a guidance embedding) samples at any ``w`` of that range; ``None``: the student's default.
+        Progress: diffusers' ``progress_bar``, one step per network evaluation (``set_progress_bar_config``).
         """
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
@@ -278,8 +364,9 @@ class ConsistencyPipeline(DiffusionPipeline):
             return randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
 
         cond = {**self.conditioning(class_labels, latents.shape[0], device), **guidance}
-        x = sample_consistency(fn, latents.to(device, torch.float32), sigmas, noise_fn=noise,
-                               clip_denoised=clip_denoised, **cond)
+        with self.progress_bar(total=len(sigmas)) as bar:
+            x = sample_consistency(StepCounted(fn, bar), latents.to(device, torch.float32), sigmas, noise_fn=noise,
+                                   clip_denoised=clip_denoised, **cond)
         if output_type == "latent":
             out: Any = x
         else:
@@ -322,7 +409,7 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
     (``evaluation``: markdown, or a note that the run was not evaluated)."""
     fn = pipe.consistency_function
     c, h, w = image_shape(pipe.unet)
-    stored = pipe.config.multistep_sigmas or {}
+    stored = pipe.multistep_sigmas
     conditional = num_class_embeds(pipe.unet) is not None
     tag = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
     call = "batch_size=16, num_inference_steps=1" + (", class_labels=3" if conditional else "")
