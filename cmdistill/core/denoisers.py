@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .schedules import ddpm_betas, vp_sigmas_from_betas
-from .tensors import append_dims, as_sigma, promote, sync_checks_enabled
+from .tensors import append_dims, as_sigma, compute_dtype, promote, sync_checks_enabled
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' prediction_type values, all mapped to x0
@@ -59,21 +59,12 @@ class Denoiser(nn.Module):
     def run_net(self, x_in: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """Call the network on its compute dtype (it may run under autocast); result back in ``x_in``'s.
 
-        The compute dtype is the one its first layer with weights computes in: under diffusers' layerwise casting
-        (``enable_layerwise_casting``: weights stored in e.g. fp8, upcast per layer) its hook's ``compute_dtype``,
-        not the storage dtype; else the weights' dtype. diffusers' ``ModelMixin.dtype`` applies the same rule by
-        walking every module (0.6 ms a call on a 288-module U-Net), so the walk stops at that first layer.
+        The compute dtype (:func:`~cmdistill.core.tensors.compute_dtype`) is not the storage dtype under diffusers'
+        layerwise casting (weights stored in e.g. fp8, upcast per layer).
         The (fractional) timestep stays fp32 whatever the weights are: in bf16 a ``t`` in [512, 1024) would round
         to a multiple of 4, evaluating the network at a noise level that no longer matches ``sigma``. diffusers'
         time embeddings take fp32 timesteps and cast the embedding, not the timestep, to the weight dtype."""
-        dtype = None
-        for m in self.net.modules():  # pre-order: the root (a hook on the whole model), down to the first layer
-            hooks = getattr(m, "_diffusers_hook", None)
-            hook = hooks.get_hook("layerwise_casting") if hooks is not None else None
-            p = next(m.parameters(recurse=False), None)
-            if hook is not None or p is not None:
-                dtype = hook.compute_dtype if hook is not None else p.dtype
-                break
+        dtype = compute_dtype(self.net)
         net_in = x_in.to(dtype) if dtype is not None and dtype != x_in.dtype else x_in
         out = self.net(net_in, t.float(), **cond)
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)

@@ -52,6 +52,20 @@ def skip_sync_checks():
         _checks.enabled = before
 
 
+def compute_dtype(net: torch.nn.Module) -> torch.dtype | None:
+    """The dtype ``net``'s first layer with weights computes in: under diffusers' layerwise casting
+    (``enable_layerwise_casting``) its hook's ``compute_dtype``, else the weights' dtype (``None``: no weights).
+    diffusers' ``ModelMixin.dtype`` applies the same rule by walking every module (0.6 ms a call on a 288-module
+    U-Net); this walk stops at that first layer."""
+    for m in net.modules():  # pre-order: the root (a hook on the whole model), down to the first layer
+        hooks = getattr(m, "_diffusers_hook", None)
+        hook = hooks.get_hook("layerwise_casting") if hooks is not None else None
+        p = next(m.parameters(recurse=False), None)
+        if hook is not None or p is not None:
+            return hook.compute_dtype if hook is not None else p.dtype
+    return None
+
+
 def num_class_embeds(net) -> int | None:
     """The class embeddings of a class-conditional diffusers U-Net (``num_class_embeds``), ``None`` when it has none."""
     n = getattr(getattr(net, "config", None), "num_class_embeds", None)
