@@ -155,8 +155,9 @@ def tensors_of(run_dir: Path) -> dict[str, torch.Tensor]:
     out = {f"student/{k}": v for k, v in
            load_file(run_dir / "student" / "unet" / "diffusion_pytorch_model.safetensors").items()}
     last = run_dir / "checkpoints" / f"step_{STEPS:08d}"
-    for name in ("model", "target", "ema"):
-        out.update({f"{name}/{k}": v for k, v in load_file(last / f"{name}.safetensors").items()})
+    for name in ("model", "target", "ema"):  # target: only a network of its own when student.target_decay > 0
+        if (last / f"{name}.safetensors").exists():
+            out.update({f"{name}/{k}": v for k, v in load_file(last / f"{name}.safetensors").items()})
     opt = torch.load(last / "optimizer.bin", weights_only=True)
     for i, st in opt["state"].items():
         out.update({f"opt/{i}/{k}": torch.as_tensor(v) for k, v in st.items()})
