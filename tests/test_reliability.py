@@ -247,7 +247,8 @@ def run_inprocess(setup, tmp_path, *extra):
 
 def test_nonfinite_gradient_is_skipped(setup, tmp_path, monkeypatch):
     nan_at(monkeypatch, 2, "grad")
-    res = run_inprocess(setup, tmp_path, "--set", "train.on_nonfinite=skip")
+    # a target of its own (mu > 0), so that its weights are checked too
+    res = run_inprocess(setup, tmp_path, "--set", "train.on_nonfinite=skip", "--set", "student.target_decay=0.5")
     assert res.exit_code == 0, res.output
     assert "non-finite loss or gradient at step 2; step skipped" in res.stderr
     last = tmp_path / "run" / "checkpoints" / "step_00000004"
@@ -262,7 +263,7 @@ def test_nonfinite_gradient_is_skipped(setup, tmp_path, monkeypatch):
 
 def test_nonfinite_loss_stops_naming_the_step_and_saves_nothing_after(setup, tmp_path, monkeypatch):
     nan_at(monkeypatch, 3, "loss")
-    res = run_inprocess(setup, tmp_path, "--set", "train.on_nonfinite=stop")
+    res = run_inprocess(setup, tmp_path, "--set", "train.on_nonfinite=stop", "--set", "student.target_decay=0.5")
     assert res.exit_code == 1
     lines = [ln for ln in res.stderr.splitlines() if "cmdistill:" in ln]  # besides the progress bar
     assert len(lines) == 1 and "Traceback" not in res.output, res.stderr
