@@ -47,9 +47,15 @@ def test_report_is_complete(run_copy):
     report = evaluate(run_copy, feature_net=TinyFeatures(), echo=lines.append, progress=False, baseline_nfe=[2, 4])
     on_disk = strict_json(run_copy / "report.json")
     assert on_disk["samplers"].keys() == report["samplers"].keys()
-    names = ["teacher-ddim-50"] + [f"student-{k}" for k in range(1, 5)] + [f"teacher-ddim-{k}" for k in range(1, 5)]
-    names += ["dpm++2m-2", "dpm++2m-4", "unipc-2", "unipc-4", "heun-karras-1", "heun-karras-3"]
+    # the tiny run starts its student at mu + sigma_max z (digits.yaml's data-mean prior): every teacher sampler
+    # runs from both starts, each with its reference; Heun at 2 and 4 NFE (1 and 2 steps) cannot denoise: not run
+    names = ["teacher-ddim-50", "teacher-ddim-50@student"] + [f"student-{k}" for k in range(1, 5)]
+    for at in ("", "@student"):
+        names += [f"teacher-ddim-{k}{at}" for k in range(1, 5)]
+        names += [f"dpm++2m-2{at}", f"dpm++2m-4{at}", f"unipc-2{at}", f"unipc-4{at}"]
     assert list(on_disk["samplers"]) == names
+    assert {s["start"] for n, s in on_disk["samplers"].items() if n.endswith("@student")} == {"student"}
+    assert {s["ref"] for s in on_disk["samplers"].values() if s["start"] == "student"} == {"teacher-ddim-50@student"}
     assert on_disk["num_samples"] == 16 and on_disk["num_real"] == 1797  # from the run's recipe / the digits
     assert on_disk["feature_net"] == "TinyFeatures" and on_disk["reference"] == "teacher-ddim-50"
     assert math.isfinite(on_disk["fid_floor_real_vs_real"])
@@ -60,6 +66,7 @@ def test_report_is_complete(run_copy):
     assert ref["vs_teacher_ref"]["mse"] == 0.0 and ref["vs_teacher_ref"]["psnr"] is None and ref["nfe"] == 50
     for k in range(1, 5):
         s = on_disk["samplers"][f"student-{k}"]
+        assert s["start"] == "student" and s["ref"] == "teacher-ddim-50@student"
         assert s["nfe"] == k and s["vs_teacher_ref"]["mse"] > 0 and math.isfinite(s["vs_teacher_ref"]["psnr"])
         assert s["sigmas"] == ConsistencyPipeline.from_pretrained(run_copy / "student").sigmas_for(k)
     assert len({round(s["fid"], 6) for s in on_disk["samplers"].values()}) > 1
@@ -67,9 +74,9 @@ def test_report_is_complete(run_copy):
     assert "| student-1 | 1 |" in md and "side_by_side.png" in md
     assert any("| teacher-ddim-50 | 50 |" in line for line in lines)  # the table went to stdout
     w, h = Image.open(run_copy / "side_by_side.png").size
-    # a 16-px header of column labels, then rows teacher-50, student 1/2/4, the best baseline at <= 4 NFE: each
-    # 8 x 8 px enlarged to 64, framed (+2) and separated by 6-px gaps; 8 columns
-    assert h == 16 + 5 * (8 * 8 + 2 + 2 * 6) and w > 8 * (8 * 8 + 2 + 6)
+    # a 16-px header of column labels, then rows teacher-50 from both starts, student 1/2/4, the best baseline at
+    # <= 4 NFE: each 8 x 8 px enlarged to 64, framed (+2) and separated by 6-px gaps; 8 columns
+    assert h == 16 + 6 * (8 * 8 + 2 + 2 * 6) and w > 8 * (8 * 8 + 2 + 6)
 
 
 def test_end_of_distill_report(tiny_run_dir):

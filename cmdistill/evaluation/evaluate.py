@@ -26,7 +26,10 @@ from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
 from ..core.tensors import image_shape, num_class_embeds
-from .baselines import make_baselines
+from ..export.pipeline import config_file
+from ..machine import machine_fingerprint
+from .baselines import make_baselines, student_start, teacher_start
+from .baselines import teacher_sampler as start_sampler
 from .features import FIDMeter, accuracy, find_digits_classifier, load_classifier, real_vs_real
 from .generate import initial_noise, load_student, run_batches, student_fn, teacher_fn
 from .report import headline, headline_table, report_table, side_by_side, write_report
@@ -124,12 +127,21 @@ def search_multistep_sigmas(score: Callable[[list[float]], float], sigma_max: fl
 
 
 def store_multistep_sigmas(pipe, table: dict, student_dir: Path) -> None:
-    """Write the new sigmas into ``student_dir/model_index.json`` (``save_pretrained`` into a temporary folder,
-    then an atomic replace of the index: the loaded weights are never overwritten while mapped)."""
+    """Write the new sigmas into the student's ``consistency_config/consistency_config.json``
+    (:func:`~cmdistill.export.pipeline.config_file`), atomically (:func:`cmdistill.files.write_atomic`; the weights
+    are not rewritten). A folder of the old layout (the sigmas in ``model_index.json``) then gets the index that
+    names the component, once the component is in place."""
+    from ..files import write_atomic
+
     pipe.set_multistep_sigmas(table)
-    with tempfile.TemporaryDirectory(dir=student_dir.parent) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        os.replace(Path(tmp) / "model_index.json", student_dir / "model_index.json")
+    target = config_file(student_dir)
+    legacy = not target.is_file()
+    target.parent.mkdir(exist_ok=True)
+    write_atomic(target, pipe.consistency_config.to_json_string())
+    if legacy:
+        with tempfile.TemporaryDirectory(dir=student_dir.parent) as tmp:
+            pipe.save_config(tmp)
+            write_atomic(student_dir / "model_index.json", (Path(tmp) / "model_index.json").read_bytes())
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -165,6 +177,8 @@ class Sampler:
     nfe: int
     fn: Callable         # (z, generator) -> x
     sigmas: list | None = None
+    start: str = "teacher"  # where it starts (baselines.Start.name): teacher | student
+    ref: str | None = None  # the reference sampler of the same start its samples are paired with (None: itself)
 
 
 def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool = True,
@@ -172,13 +186,14 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     """Recipe, student pipeline, teacher and real images of a run (one-line errors for anything missing). Without
     ``need_student`` a run whose student is not exported yet loads with ``pipe = None``. A class-conditional run is
     evaluated at ``guidance_scale`` (default: the student's own, else the recipe's ``guidance.scale``)."""
-    from ..config import load_recipe
+    from ..config import read_recipe
     from ..data import make_dataset, num_labels
     from ..teachers import load_teacher
+    from .recipe_rules import EVALUATION_RULES
 
     if not (run_dir / "recipe.yaml").is_file():
         raise EvalError(f"{run_dir} is not a cmdistill run folder (no recipe.yaml)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = read_recipe(run_dir / "recipe.yaml", rules=(EVALUATION_RULES,))
     teacher_path = teacher_path or recipe.teacher.path
     has_student = (run_dir / "student" / "model_index.json").is_file()
     # the run's student/, or one line saying the run has none
@@ -210,7 +225,7 @@ def reference_data(recipe) -> str:
 def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> None:
     """Set up a class-conditional run: its classes, the guidance scale ``w`` evaluated and the teacher with
     classifier-free guidance at ``w`` (one-line errors for a student that cannot sample it)."""
-    from ..core.guidance import guide
+    from ..core.guidance import guided_teacher
 
     if run.pipe is not None and num_class_embeds(run.pipe.unet) is None:
         raise EvalError("the teacher is class-conditional but the student is not; evaluate it with its own teacher "
@@ -224,7 +239,7 @@ def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> N
         except ValueError as e:
             raise EvalError(str(e)) from None
     run.classes, run.guidance_scale = classes, w
-    run.guided = guide(run.teacher, w, run.recipe.guidance.null_class)
+    run.guided = guided_teacher(run.teacher, w, run.recipe.guidance.null_class)
 
 
 def load_run_without_student(run_dir: Path, device, guidance_scale: float | None = None) -> EvalRun:
@@ -261,7 +276,7 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
                                   max_steps, echo)
     if store:
         store_multistep_sigmas(run.pipe, res["sigmas"], run.run_dir / "student")
-        echo(f"stored the searched sigmas in {run.run_dir / 'student' / 'model_index.json'}")
+        echo(f"stored the searched sigmas in {config_file(run.run_dir / 'student')}")
     else:
         run.pipe.set_multistep_sigmas(res["sigmas"])  # in memory only: this report uses them
         echo("using the searched sigmas for this report only (add --store to write them into the student)")
@@ -272,26 +287,42 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
 def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_steps: int, spacing: str,
                   baseline_nfe: list[int], baselines: list[str]) -> list[Sampler]:
     """The reference teacher sampler first, then the student and the teacher's DDIM at 1…max_steps, then the
-    training-free baselines at each NFE budget. The teacher's samplers run ``run.guided`` (classifier-free guidance
+    training-free baselines at each NFE budget, all from the teacher's start (its sigma_max, noise alone); and when
+    the student starts elsewhere (``student.sigma_max`` below the teacher's, or a data-mean prior) the same teacher
+    samplers again from the student's own start (labels ending in ``@student``, :mod:`.baselines`), with their own
+    reference. Each sampler is paired with the reference of its start (``ref``): paired distances compare samples
+    from one noise and one starting point only. The teacher's samplers run ``run.guided`` (classifier-free guidance
     at the run's ``w`` for a conditional run: NFE counts network evaluations of one batch, as in diffusers' guided
     pipelines, though each is a batch of twice the images)."""
-    from ..core.solvers import SOLVER_NFE
+    from ..core.solvers import SOLVERS
 
     teacher, w = run.guided or run.teacher, run.guidance_scale
-    nfe = teacher_steps * SOLVER_NFE[teacher_sampler] - (teacher_sampler == "heun")  # last Heun step: Euler
-    out = [Sampler(f"teacher-{teacher_sampler}-{teacher_steps}", "teacher", teacher_steps, nfe,
+    fn = run.pipe.consistency_function
+    starts = [teacher_start(teacher)] + [s for s in [student_start(teacher, fn.sigma_max, fn.prior_mean)] if s]
+    nfe = SOLVERS[teacher_sampler].sampler_nfe(teacher_steps)
+    refs = {st.name: f"teacher-{teacher_sampler}-{teacher_steps}{st.suffix}" for st in starts}
+    out = [Sampler(refs["teacher"], "teacher", teacher_steps, nfe,
                    teacher_fn(teacher, teacher_sampler, teacher_steps, spacing))]
+    out += [Sampler(refs[st.name], "teacher", teacher_steps, nfe,
+                    start_sampler(teacher, teacher_sampler, teacher_steps, st, spacing), start=st.name)
+            for st in starts[1:]]
+    student_at = starts[-1].name
     for k in range(1, max_steps + 1):
         sig = run.pipe.sigmas_for(k)
-        out.append(Sampler(f"student-{k}", "student", k, k, student_fn(run.pipe, sig, guidance_scale=w), sig))
-    out += [Sampler(f"teacher-ddim-{k}", "teacher", k, k, teacher_fn(teacher, "ddim", k, spacing))
-            for k in range(1, max_steps + 1) if f"teacher-ddim-{k}" != out[0].name]
-    seen = {s.name for s in out}
-    for name, n, fn in make_baselines(teacher, baseline_nfe, baselines, spacing):
-        if name not in seen:
-            seen.add(name)
-            out.append(Sampler(name, "baseline", n, n, fn))
-    return out
+        out.append(Sampler(f"student-{k}", "student", k, k, student_fn(run.pipe, sig, guidance_scale=w), sig,
+                           start=student_at, ref=refs[student_at]))
+    for st in starts:
+        out += [Sampler(f"teacher-ddim-{k}{st.suffix}", "teacher", k, k,
+                        start_sampler(teacher, "ddim", k, st, spacing), start=st.name, ref=refs[st.name])
+                for k in range(1, max_steps + 1) if f"teacher-ddim-{k}{st.suffix}" != refs[st.name]]
+        out += [Sampler(name, "baseline", n, n, f, start=st.name, ref=refs[st.name])
+                for name, n, f in make_baselines(teacher, baseline_nfe, baselines, spacing, st)]
+    seen, unique = set(), []
+    for smp in out:
+        if smp.name not in seen:
+            seen.add(smp.name)
+            unique.append(smp)
+    return unique
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -304,9 +335,9 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
     """Every sampler from the same initial noise, for each noise seed ``s`` (initial noise from ``s``, the student's
     multistep noise from ``s + 1``): FID, precision and recall (mean and std over seeds), for a conditional run the
     class accuracy (the share of samples ``classifier`` assigns to the class asked for), paired distances to the
-    first (reference) sampler and images per second (first seed). Returns ``(entries, images of the first seed)``."""
+    reference sampler of the same start (``Sampler.ref``) and images per second (first seed). Returns
+    ``(entries, images of the first seed)``."""
     entries, images = {}, {}
-    ref = samplers[0].name
     labels = run.labels(num)
     for s in samplers:
         scores, speeds = [], []
@@ -320,8 +351,9 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
             speeds.append(ips)
             if i == 0:
                 images[s.name] = x
+        ref = s.ref or s.name
         e = {"kind": s.kind, "steps": s.steps, "nfe": s.nfe, "sigmas": s.sigmas, "images_per_s": speeds[0],
-             "vs_teacher_ref": paired_distances(images[s.name], images[ref], lpips)}
+             "start": s.start, "ref": ref, "vs_teacher_ref": paired_distances(images[s.name], images[ref], lpips)}
         for key in ("fid", "precision", "recall", "class_accuracy"):
             if key in scores[0]:
                 e[key], std = _mean_std([sc[key] for sc in scores])
@@ -367,7 +399,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     report: dict = {"run_dir": str(run.run_dir), "teacher": run.teacher_path, "device": str(device),
                     "num_samples": num, "num_real": len(run.real), "seed": seed, "seeds": len(seed_list),
                     "teacher_spacing": teacher_spacing, "baselines": baselines, "baseline_nfe": baseline_nfe,
-                    **feature_facts(feature_net, run, seed, search)}
+                    **feature_facts(feature_net, run, seed, search), "machine": machine_fingerprint(device)}
     classifier = None
     if run.classes is not None:
         classifier = class_classifier(run, search)
@@ -382,6 +414,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
                              baselines)
     lpips, report["lpips"] = load_lpips(run.recipe.loss.lpips_net, device) if use_lpips else (None, "disabled")
     report["reference"] = samplers[0].name
+    report["starts"] = start_facts(run)
     report["samplers"], images = measure(samplers, run, fid, lpips, num, seed_list, batch_size, echo, progress,
                                          classifier)
     report["headline"] = headline(report["samplers"], [k for k in (1, 2, 4) if k <= max_steps])
@@ -389,7 +422,9 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     sd = report["samplers"]
     at4 = [n for n, e in sd.items() if e["kind"] == "baseline" and e["nfe"] <= 4]
     best4 = [min(at4, key=lambda n: sd[n]["fid"])] if at4 else []
-    rows = [samplers[0].name] + [f"student-{k}" for k in (1, 2, 4) if k <= max_steps] + best4
+    refs = list(dict.fromkeys(s.ref or s.name for s in samplers if s.kind == "student"))
+    rows = list(dict.fromkeys([samplers[0].name, *refs] + [f"student-{k}" for k in (1, 2, 4) if k <= max_steps]
+                              + best4))
     columns = {} if run.classes is None else {"ncol": min(run.classes, 16), "column_label": "class {i}"}
     report["side_by_side"] = f"side_by_side{suffix}.png"
     side_by_side({f"{n} | NFE {sd[n]['nfe']} | FID {sd[n]['fid']:.2f}": images[n] for n in rows},
@@ -399,6 +434,14 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     echo(report_table(report))
     echo(f"report written to {run.run_dir / f'report{suffix}.json'} and {run.run_dir / f'report{suffix}.md'}")
     return report
+
+
+def start_facts(run: EvalRun) -> dict:
+    """Where the samplers start, for the report: the teacher's start and, when it differs, the student's."""
+    teacher = run.guided or run.teacher
+    fn = run.pipe.consistency_function
+    starts = [teacher_start(teacher)] + [s for s in [student_start(teacher, fn.sigma_max, fn.prior_mean)] if s]
+    return {s.name: s.describe() for s in starts}
 
 
 def class_classifier(run: EvalRun, search: list) -> nn.Module | None:

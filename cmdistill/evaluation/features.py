@@ -268,11 +268,13 @@ class FIDMeter:
 def real_vs_real(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",
                  search: Iterable[str | Path] = ()) -> dict:
     """The floor of every metric: FID, precision and recall between two disjoint random halves of the real data
-    (same feature network)."""
+    (same feature network), with the two set sizes (``num_a`` scored against ``num_b``). Its sizes are not the
+    samplers' (N generated against every real image): FID falls as sets grow and the k-NN radii of precision and
+    recall shrink, so it is a reference at its own sizes, labelled so in the report."""
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     half = len(images) // 2
     meter = FIDMeter(feature_net, device, search=search).add_real(images[perm[:half]])
-    return meter.score(images[perm[half:2 * half]])
+    return {**meter.score(images[perm[half:2 * half]]), "num_a": half, "num_b": half}
 
 
 def real_vs_real_fid(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",

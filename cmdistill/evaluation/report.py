@@ -38,14 +38,21 @@ def report_table(report: dict) -> str:
                      f"{_fmt(s['images_per_s'], '.1f')} |")
     rr = report.get("real_vs_real")
     if rr:
-        lines.append(f"| real vs real (two halves) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
+        sizes = f", {rr['num_a']} vs {rr['num_b']}" if "num_a" in rr else ""
+        lines.append(f"| real vs real (two halves{sizes}) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
                      f"{_fmt(rr['recall'])} | " + ("– | " if acc else "") + "– | – | – | – |")
+    if rr and "num_a" in rr:
+        lines.append(f"\nThe floor compares {rr['num_a']} real images with {rr['num_b']} others; the samplers are scored "
+                     f"{report['num_samples']} generated against {report['num_real']} real. FID falls as sets grow and "
+                     "the k-NN radii of precision and recall shrink, so the floor is a reference at its own sizes, not "
+                     "a bound at the samplers'.")
     return "\n".join(lines)
 
 
 def headline(samplers: dict, ks=(1, 2, 4)) -> list[dict]:
     """For each student step count k: the best (lowest-FID) training-free sampler using at most k and at most 2k
-    network evaluations, and the speed-up at equal quality: the student's images/s over those of the fastest
+    network evaluations from either start (the teacher's, or the student's own: labels ending in ``@student``; the
+    row records which), and the speed-up at equal quality: the student's images/s over those of the fastest
     training-free sampler whose FID is at most the student's (``None`` when none of them reaches it)."""
     free = {n: s for n, s in samplers.items() if s["kind"] != "student"}
     rows = []
@@ -60,8 +67,11 @@ def headline(samplers: dict, ks=(1, 2, 4)) -> list[dict]:
 
         match = [n for n, s in free.items() if s["fid"] <= st["fid"]]
         fastest = max(match, key=lambda n: free[n]["images_per_s"]) if match else None
+        at_k, at_2k = best(k), best(2 * k)
         rows.append({"student": f"student-{k}", "fid": st["fid"], "precision": st["precision"],
-                     "best_at_k": best(k), "best_at_2k": best(2 * k), "equal_quality": fastest,
+                     "best_at_k": at_k, "best_at_2k": at_2k, "equal_quality": fastest,
+                     "best_at_k_start": free[at_k].get("start", "teacher") if at_k else None,
+                     "best_at_2k_start": free[at_2k].get("start", "teacher") if at_2k else None,
                      "speedup": st["images_per_s"] / free[fastest]["images_per_s"] if fastest else None})
     return rows
 
@@ -125,9 +135,12 @@ def write_report(report: dict, run_dir: Path, suffix: str = "") -> None:
           + ("; mean ± standard deviation over seeds" if seeds > 1 else "") + "). "
           f"FID, precision and recall (k-NN manifolds, k = 3) in `{report['feature_net']}` features against "
           f"{report['num_real']} real images; the last row is the floor, two random halves of the real images.",
-          f"Paired distances (\"vs ref\") are to the `{report['reference']}` samples from the same initial noise "
-          f"(LPIPS: {report['lpips']}). Training-free baselines: teacher DDIM, "
-          + ", ".join(report.get("baselines", [])) + f" (timestep spacing `{report['teacher_spacing']}`).", "",
+          *start_note(report),
+          f"Paired distances (\"vs ref\") are to the samples of the reference sampler of the same start, from the same "
+          f"initial noise: `{report['reference']}`" + "".join(f" or `{r}`" for r in _other_refs(report))
+          + f" (LPIPS: {report['lpips']}); a sampler is never paired with one that started elsewhere. Training-free "
+          "baselines: teacher DDIM, " + ", ".join(report.get("baselines", []))
+          + f" (timestep spacing `{report['teacher_spacing']}` from the teacher's start).", "",
           *conditional_note(report),
           "## Headline", "", headline_table(report), "", "## All samplers", "", report_table(report), "",
           f"![samplers, same noise in each column]({report.get('side_by_side', 'side_by_side.png')})", ""]
@@ -137,6 +150,23 @@ def write_report(report: dict, run_dir: Path, suffix: str = "") -> None:
         md += [f"Multistep sigmas chosen by FID search ({where}): "
                + "; ".join(f"{k}: {[round(s, 4) for s in v]}" for k, v in ss["sigmas"].items()), ""]
     (run_dir / f"report{suffix}.md").write_text("\n".join(md))
+
+
+def _other_refs(report: dict) -> list[str]:
+    return sorted({s["ref"] for s in report["samplers"].values() if s.get("ref") not in (None, report["reference"])})
+
+
+def start_note(report: dict) -> list[str]:
+    """Where the samplers start, as a sentence (nothing when every sampler starts at the teacher's own start)."""
+    st = report.get("starts", {})
+    if "student" not in st:
+        return []
+    t, s = st["teacher"], st["student"]
+    prior = "the data mean plus noise" if s["prior"] == "data_mean" else "noise alone"
+    return [f"Two starts. Names ending in `@student` start where the student does: sigma {s['sigma_max']:.4g} from "
+            f"{prior} (`mu + {s['sigma_max']:.4g} z`), the teacher solving its ODE on a Karras grid from there; the "
+            f"others start at the teacher's sigma_max ({t['sigma_max']:.4g}) from noise alone. The headline names the "
+            "best training-free sampler from either start.", ""]
 
 
 def conditional_note(report: dict) -> list[str]:
