@@ -117,9 +117,10 @@ def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_dat
                  parametrization: str = DEFAULT_PARAMETRIZATION) -> ConsistencyFunction:
     """Student = the teacher's adapter around a *copy* of the teacher network, with the boundary condition on
     top, so that it starts as the teacher's one-step denoiser (as LCM, Luo et al. 2023, initialises from the
-    teacher). The copy is trainable, in fp32 whatever the teacher's dtype; the teacher is untouched. ``sigma_max`` (default: the teacher's)
-    caps the student's range: where its 1-step sampler starts and the top of its training grid. ``parametrization``
-    names how the network's output becomes ``F`` (:mod:`.parametrizations`)."""
+    teacher). The copy is trainable, in fp32 whatever the teacher's dtype; the teacher is untouched.
+    ``sigma_max`` (default: the teacher's) caps the student's range: where its 1-step sampler starts and the top of
+    its training grid. ``parametrization`` names how the network's output becomes ``F`` (:mod:`.parametrizations`).
+    """
     den = copy.deepcopy(teacher)
     den.net.float()  # fp32 master weights; nn.Module.float, which diffusers' ModelMixin.to does not wrap with a warning
     den.requires_grad_(True).train()

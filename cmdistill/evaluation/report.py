@@ -42,10 +42,10 @@ def report_table(report: dict) -> str:
         lines.append(f"| real vs real (two halves{sizes}) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
                      f"{_fmt(rr['recall'])} | " + ("– | " if acc else "") + "– | – | – | – |")
     if rr and "num_a" in rr:
-        lines.append(f"\nThe floor compares {rr['num_a']} real images with {rr['num_b']} others; the samplers are scored "
-                     f"{report['num_samples']} generated against {report['num_real']} real. FID falls as sets grow and "
-                     "the k-NN radii of precision and recall shrink, so the floor is a reference at its own sizes, not "
-                     "a bound at the samplers'.")
+        lines.append(f"\nThe floor compares {rr['num_a']} real images with {rr['num_b']} others; the samplers are "
+                     f"scored {report['num_samples']} generated against {report['num_real']} real. FID falls as sets "
+                     "grow and the k-NN radii of precision and recall shrink, so the floor is a reference at its own "
+                     "sizes, not a bound at the samplers'.")
     return "\n".join(lines)
 
 
