@@ -247,13 +247,16 @@ def load_run_without_student(run_dir: Path, device, guidance_scale: float | None
     return load_run(run_dir, None, device, need_student=False, guidance_scale=guidance_scale)
 
 
-def feature_facts(feature_net, run: EvalRun, seed: int, search: list) -> dict:
-    """Name of the feature network, the digits classifier's test accuracy, the real-vs-real floor of every metric."""
+def feature_facts(feature_net, run: EvalRun, seed: int, search: list, num: int | None = None) -> dict:
+    """Name of the feature network, the digits classifier's test accuracy, the real-vs-real floor of every metric
+    (``num`` real images against the rest where the data allow, as the samplers score ``num`` samples:
+    :func:`~cmdistill.evaluation.features.floor_sizes`)."""
     facts = {"feature_net": feature_net if isinstance(feature_net, str) else type(feature_net).__name__}
     if feature_net == "digits":
         folder = find_digits_classifier(search)
         facts["feature_net_test_accuracy"] = load_classifier(folder)[1].get("test_accuracy") if folder else None
-    rr = real_vs_real(feature_net, run.real, seed, run.device, search) if len(run.real) <= FLOOR_MAX_IMAGES else None
+    rr = real_vs_real(feature_net, run.real, seed, run.device, search, num) if len(run.real) <= FLOOR_MAX_IMAGES \
+        else None
     facts["real_vs_real"] = rr
     facts["fid_floor_real_vs_real"] = rr["fid"] if rr else None
     return facts
@@ -399,7 +402,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     report: dict = {"run_dir": str(run.run_dir), "teacher": run.teacher_path, "device": str(device),
                     "num_samples": num, "num_real": len(run.real), "seed": seed, "seeds": len(seed_list),
                     "teacher_spacing": teacher_spacing, "baselines": baselines, "baseline_nfe": baseline_nfe,
-                    **feature_facts(feature_net, run, seed, search), "machine": machine_fingerprint(device)}
+                    **feature_facts(feature_net, run, seed, search, num), "machine": machine_fingerprint(device)}
     classifier = None
     if run.classes is not None:
         classifier = class_classifier(run, search)

@@ -38,15 +38,25 @@ def report_table(report: dict) -> str:
                      f"{_fmt(s['images_per_s'], '.1f')} |")
     rr = report.get("real_vs_real")
     if rr:
-        sizes = f", {rr['num_a']} vs {rr['num_b']}" if "num_a" in rr else ""
-        lines.append(f"| real vs real (two halves{sizes}) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
+        lines.append(f"| real vs real ({floor_label(rr)}) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
                      f"{_fmt(rr['recall'])} | " + ("– | " if acc else "") + "– | – | – | – |")
     if rr and "num_a" in rr:
-        lines.append(f"\nThe floor compares {rr['num_a']} real images with {rr['num_b']} others; the samplers are "
-                     f"scored {report['num_samples']} generated against {report['num_real']} real. FID falls as sets "
-                     "grow and the k-NN radii of precision and recall shrink, so the floor is a reference at its own "
-                     "sizes, not a bound at the samplers'.")
+        lines.append(f"\nThe floor scores {rr['num_a']} real images against {rr['num_b']} others (disjoint); the "
+                     f"samplers are scored {report['num_samples']} generated against {report['num_real']} real. "
+                     + ("Its scored set is theirs, its reference the rest of the real images. "
+                        if rr["num_a"] == report["num_samples"] else
+                        "Fewer real images than twice the samples: two halves, the closest disjoint sets get. ")
+                     + "FID falls as sets grow and the k-NN radii of precision and recall shrink with them, so the "
+                     "floor is a reference at its own sizes, not a bound at the samplers'.")
     return "\n".join(lines)
+
+
+def floor_label(rr: dict) -> str:
+    """``two halves, 898 vs 898`` or ``16 vs 1781`` (an old report without sizes: ``two halves``)."""
+    if "num_a" not in rr:
+        return "two halves"
+    sizes = f"{rr['num_a']} vs {rr['num_b']}"
+    return f"two halves, {sizes}" if rr["num_a"] == rr["num_b"] else sizes
 
 
 def headline(samplers: dict, ks=(1, 2, 4)) -> list[dict]:
@@ -134,7 +144,8 @@ def write_report(report: dict, run_dir: Path, suffix: str = "") -> None:
           f"({seeds} seed{'s' if seeds > 1 else ''} from {report['seed']}"
           + ("; mean ± standard deviation over seeds" if seeds > 1 else "") + "). "
           f"FID, precision and recall (k-NN manifolds, k = 3) in `{report['feature_net']}` features against "
-          f"{report['num_real']} real images; the last row is the floor, two random halves of the real images.",
+          f"{report['num_real']} real images; the last row is the floor, real images scored against other real images "
+          "(its sizes in its name).",
           *start_note(report),
           f"Paired distances (\"vs ref\") are to the samples of the reference sampler of the same start, from the same "
           f"initial noise: `{report['reference']}`" + "".join(f" or `{r}`" for r in _other_refs(report))
@@ -164,7 +175,8 @@ def start_note(report: dict) -> list[str]:
     t, s = st["teacher"], st["student"]
     prior = "the data mean plus noise" if s["prior"] == "data_mean" else "noise alone"
     return [f"Two starts. Names ending in `@student` start where the student does: sigma {s['sigma_max']:.4g} from "
-            f"{prior} (`mu + {s['sigma_max']:.4g} z`), the teacher solving its ODE on a Karras grid from there; the "
+            f"{prior} (`mu + {s['sigma_max']:.4g} z`), the teacher solving its ODE from there (DDIM, DPM-Solver++ and "
+            "UniPC on the trailing timestep spacing of the range left, Heun on a Karras grid); the "
             f"others start at the teacher's sigma_max ({t['sigma_max']:.4g}) from noise alone. The headline names the "
             "best training-free sampler from either start.", ""]
 
