@@ -163,6 +163,7 @@ def test_plain_evaluate_changes_nothing_but_its_report(run_copy):
         assert 0 <= e["precision"] <= 1 and 0 <= e["recall"] <= 1 and e["fid_std"] >= 0
     rr = report["real_vs_real"]
     assert rr["precision"] > 0.5 and rr["recall"] > 0.5
+    assert (rr["num_a"], rr["num_b"]) == (16, 1797 - 16)  # the samplers' 16 real digits against the rest
     assert [r["student"] for r in report["headline"]] == ["student-1", "student-2", "student-4"]
     md = (run_copy / "report.md").read_text()
     assert "## Headline" in md and "| dpm++2m-2 | 2 |" in md and "real vs real" in md
