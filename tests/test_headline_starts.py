@@ -209,3 +209,15 @@ def test_floor_scores_the_samplers_set_size_against_the_rest():
     table = report_table({"samplers": {"teacher-ddim-50": _entry("teacher", 50, 2.1)}, "num_samples": 16,
                           "num_real": 1797, "real_vs_real": small})
     assert "| real vs real (16 vs 1781) |" in table and "Its scored set is theirs" in table
+
+
+def test_no_sampler_with_more_steps_than_the_students_range_holds():
+    """A start at timestep 20 of 1000 holds 21 trailing steps: DDIM-50 from there is not built (evaluate refuses it
+    as a reference in one line), a 16-NFE baseline still is."""
+    from cmdistill.evaluation.baselines import truncated_sigmas
+
+    den = GaussianDDPM()
+    start = Start("student", float(den.sigma_table[20]), None)
+    assert len(truncated_sigmas(den, start, 21)) == 22 and truncated_sigmas(den, start, 22) is None
+    assert teacher_sampler(den, "ddim", 50, start) is None
+    assert [n for n, _, _ in make_baselines(den, [16, 50], ["unipc"], start=start)] == ["unipc-16@student"]

@@ -320,9 +320,12 @@ def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_st
                 for k in range(1, max_steps + 1) if f"teacher-ddim-{k}{st.suffix}" != refs[st.name]]
         out += [Sampler(name, "baseline", n, n, f, start=st.name, ref=refs[st.name])
                 for name, n, f in make_baselines(teacher, baseline_nfe, baselines, spacing, st)]
+    if any(smp.fn is None for smp in out if smp.name in refs.values()):
+        raise EvalError(f"the student's start, sigma {fn.sigma_max:.4g}, leaves fewer than {teacher_steps} of the "
+                        f"teacher's timesteps for its {teacher_steps}-step reference; lower --teacher-steps")
     seen, unique = set(), []
-    for smp in out:
-        if smp.name not in seen:
+    for smp in out:  # a sampler twice (DDIM-k as the reference) once; none with more steps than its range holds
+        if smp.name not in seen and smp.fn is not None:
             seen.add(smp.name)
             unique.append(smp)
     return unique
