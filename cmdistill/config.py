@@ -65,6 +65,11 @@ class GuidanceConfig:
     w_min: Optional[float] = None          # both set: w drawn per sample from [w_min, w_max] and given to the
     w_max: Optional[float] = None          # student through a guidance embedding (LCM); null: w fixed at scale
 
+    @property
+    def w_range(self) -> tuple[float, float] | None:
+        """``(w_min, w_max)`` when w is drawn per sample (an input of the student), else ``None``."""
+        return None if self.w_min is None else (self.w_min, self.w_max)
+
 
 @dataclass
 class BankConfig:
@@ -278,10 +283,15 @@ def config_registries() -> dict[str, Any]:
 def choices(rules: Sequence[RecipeRules] = ()) -> dict[str, tuple]:
     """Allowed values of every string key, read from the registries of :data:`CONFIG_RULES` and ``rules``, so a new
     solver or distance is a choice the moment it is registered."""
+    return {k: tuple(v) for k, v in registries(rules).items()}
+
+
+def registries(rules: Sequence[RecipeRules] = ()) -> dict[str, Any]:
+    """Dotted key -> registry, from :data:`CONFIG_RULES` and ``rules``."""
     merged: dict[str, Any] = {}
     for r in (CONFIG_RULES, *rules):
         merged.update(r.registries())
-    return {k: tuple(v) for k, v in merged.items()}
+    return merged
 
 
 def run_length_keys(recipe, rules: Sequence[RecipeRules] = ()) -> list[str]:
@@ -290,11 +300,8 @@ def run_length_keys(recipe, rules: Sequence[RecipeRules] = ()) -> list[str]:
     schedules for the steps still to come. ``recipe``: a recipe object or its nested dict (a checkpoint's)."""
     from .core.schedules import is_scaled_to_run
 
-    merged: dict[str, Any] = {}
-    for r in (CONFIG_RULES, *rules):
-        merged.update(r.registries())
     out = []
-    for key, registry in merged.items():
+    for key, registry in registries(rules).items():
         value = get_key(recipe, key)
         if isinstance(registry, dict) and value in registry and is_scaled_to_run(registry[value]):
             out.append(key)

@@ -64,8 +64,7 @@ def student_template(run):
     sc = r.student
     fn = make_student(run.teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
                       sc.parametrization)
-    gc = r.guidance
-    attach_guidance(fn, gc.scale, None if gc.w_min is None else (gc.w_min, gc.w_max))
+    attach_guidance(fn, r.guidance.scale, r.guidance.w_range)
     fn.eval()
     if r.data.name == "teacher":  # data-free: the mean of the bank's samples, as stored in the exported student
         if run.pipe is None:

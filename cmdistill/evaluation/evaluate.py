@@ -301,7 +301,7 @@ def make_samplers(run: EvalRun, max_steps: int, teacher_sampler: str, teacher_st
 
     teacher, w = run.guided or run.teacher, run.guidance_scale
     fn = run.pipe.consistency_function
-    starts = [teacher_start(teacher)] + [s for s in [student_start(teacher, fn.sigma_max, fn.prior_mean)] if s]
+    starts = run_starts(run)
     nfe = SOLVERS[teacher_sampler].sampler_nfe(teacher_steps)
     refs = {st.name: f"teacher-{teacher_sampler}-{teacher_steps}{st.suffix}" for st in starts}
     out = [Sampler(refs["teacher"], "teacher", teacher_steps, nfe,
@@ -442,12 +442,17 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     return report
 
 
-def start_facts(run: EvalRun) -> dict:
-    """Where the samplers start, for the report: the teacher's start and, when it differs, the student's."""
+def run_starts(run: EvalRun) -> list:
+    """Where the run's training-free samplers start: the teacher's own start and, when it differs, the student's
+    (:func:`~.baselines.student_start`)."""
     teacher = run.guided or run.teacher
     fn = run.pipe.consistency_function
-    starts = [teacher_start(teacher)] + [s for s in [student_start(teacher, fn.sigma_max, fn.prior_mean)] if s]
-    return {s.name: s.describe() for s in starts}
+    return [teacher_start(teacher)] + [s for s in [student_start(teacher, fn.sigma_max, fn.prior_mean)] if s]
+
+
+def start_facts(run: EvalRun) -> dict:
+    """Where the samplers start, for the report: the teacher's start and, when it differs, the student's."""
+    return {s.name: s.describe() for s in run_starts(run)}
 
 
 def class_classifier(run: EvalRun, search: list) -> nn.Module | None:

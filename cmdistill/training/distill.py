@@ -95,7 +95,7 @@ def guidance_of(recipe: Recipe, teacher, student=None):
     (:func:`~cmdistill.core.guidance.attach_guidance`). A recipe that does not fit the teacher is one
     :class:`ConfigError` line."""
     gc = recipe.guidance
-    w_range = None if gc.w_min is None else (gc.w_min, gc.w_max)
+    w_range = gc.w_range
     guided = gc.scale != 1.0 or w_range is not None
     if guided and num_class_embeds(teacher.net) is None:
         what = "'guidance.w_min'/'w_max' are set" if w_range else f"'guidance.scale' is {gc.scale:g}"
