@@ -86,14 +86,16 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
 
 def train_teacher(recipe: TeacherRecipe, output_dir: str | None = None, resume: str | None = None,
                   overwrite: bool = False) -> Path | None:
-    """Train the recipe's DDPM teacher (Ho et al. 2020) and export its EMA as a ``DDPMPipeline`` folder
-    (``train.export_dir``, default ``<run>/pipeline``); return that folder (``None`` on other processes)."""
+    """Train the recipe's ``model``: a DDPM teacher (Ho et al. 2020; a pixel U-Net exported as a ``DDPMPipeline``, a
+    latent DiT as a ``DiTPipeline``) or a latent teacher's autoencoder, and export its EMA in ``train.export_dir``
+    (default ``<run>/pipeline``); return that folder (``None`` on other processes)."""
     from .training.loop import RunError, train
-    from .training.teacher import TeacherTraining, export_teacher
+    from .training.teacher import teacher_tasks
 
     export = recipe.train.export_dir
-    if export and (Path(export) / "model_index.json").exists() and not overwrite and resume is None:
+    if export and any((Path(export) / f).exists() for f in ("model_index.json", "config.json")) and not overwrite \
+            and resume is None:
         raise RunError(f"train.export_dir {export} already holds a model; pass --overwrite to replace it or choose "
                        "another train.export_dir")
-    return train(_with_output_dir(recipe, output_dir), TeacherTraining, export_teacher, resume=resume,
-                 overwrite=overwrite)
+    task, export = teacher_tasks()[recipe.model]
+    return train(_with_output_dir(recipe, output_dir), task, export, resume=resume, overwrite=overwrite)

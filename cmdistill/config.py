@@ -35,8 +35,8 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"                  # cifar10 | imagefolder | digits | teacher (data-free: the bank's samples)
-    root: str = "~/.cache/cmdistill/data"  # download cache (cifar10) or image folder (imagefolder)
+    name: str = "cifar10"                  # cifar10 | imagefolder | digits | fashion_mnist | teacher (data-free)
+    root: str = "~/.cache/cmdistill/data"  # download cache (cifar10), image folder, Fashion-MNIST's IDX folder
     hflip: bool = True
     num_workers: int = 2
     resolution: Optional[int] = None       # None: the teacher's sample_size
@@ -205,6 +205,45 @@ class UNetConfig:
 
 
 @dataclass
+class TransformerConfig:
+    """Keyword arguments of ``diffusers.DiTTransformer2DModel`` (Peebles & Xie 2023), read when ``model: dit``.
+    ``num_embeds_ada_norm``: the class table's classes; diffusers adds one row, the null class, and its
+    ``DiTPipeline`` guides with class 1000, so 1000 keeps a package-made DiT runnable by that pipeline at w > 1."""
+
+    sample_size: int = 8                   # latent (or pixel) side
+    in_channels: int = 4
+    patch_size: int = 2
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    num_embeds_ada_norm: int = 1000
+    learn_sigma: bool = False              # True: 2C output channels (the variance half is not trained here)
+
+
+@dataclass
+class AutoencoderConfig:
+    """Keyword arguments of ``diffusers.AutoencoderKL`` (Rombach et al. 2022), read when ``model: autoencoder``, and
+    its loss: reconstruction MSE + ``kl_weight`` x the per-element KL to N(0, I)."""
+
+    sample_size: int = 32
+    in_channels: int = 1
+    latent_channels: int = 4
+    block_out_channels: list = field(default_factory=lambda: [32, 64, 64])  # 3 blocks: 32x32 -> 8x8 latents
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    kl_weight: float = 1.0e-4
+
+
+@dataclass
+class LatentConfig:
+    """A latent teacher's autoencoder: the data are encoded once by ``vae`` (a diffusers ``AutoencoderKL`` folder, or a
+    pipeline folder with a ``vae/``) into the verified latent cache (:mod:`cmdistill.latents`)."""
+
+    vae: Optional[str] = None              # None: a pixel-space teacher
+    cache_dir: str = "~/.cache/cmdistill/latents"
+
+
+@dataclass
 class NoiseConfig:
     """Keyword arguments of ``diffusers.DDPMScheduler`` (the teacher's forward process and output)."""
 
@@ -234,7 +273,11 @@ class TeacherTrainConfig(LoopConfig):
 
 @dataclass
 class TeacherRecipe:
+    model: str = "unet"                    # unet | dit (a DDPM teacher) | autoencoder (a latent teacher's VAE)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     scheduler: NoiseConfig = field(default_factory=NoiseConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(name="digits", hflip=False, num_workers=0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-3, warmup_steps=200,
@@ -546,7 +589,7 @@ def read_recipe(path: str | Path | None, overrides: list[str] = (), cls: type = 
 
 # keys naming inputs (read, never written); outputs (train.output_dir, train.export_dir) stay relative to the
 # working directory, where the command runs
-INPUT_PATHS = ("teacher.path", "data.root")
+INPUT_PATHS = ("teacher.path", "data.root", "latent.vae")
 
 
 def resolve_input_paths(recipe, recipe_dir: Path | None) -> None:

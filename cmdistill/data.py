@@ -2,7 +2,8 @@
 of the 1-step prior. Every dataset yields ``(image, label)``; unconditional teachers ignore the label.
 
 Registry keyed by ``data.name``: ``cifar10`` (torchvision download into a cache folder), ``imagefolder``
-(any folder of images) and ``digits`` (scikit-learn's bundled 8x8 digits, offline).
+(any folder of images), ``digits`` (scikit-learn's bundled 8x8 digits, offline) and ``fashion_mnist`` (the IDX files
+of Xiao et al. 2017 in ``data.root``: Debian's ``dataset-fashion-mnist`` package or torchvision's download).
 """
 from __future__ import annotations
 
@@ -110,10 +111,72 @@ def cifar10_dataset(root: str, resolution: int | None = None, channels: int = 3)
     return _Cifar(ds.data, ds.targets)
 
 
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the IDX files
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, gzipped or not) as a numpy array: magic ``0x00 0x00 type ndim``, big-endian
+    int32 sizes, then the data. Only unsigned bytes (type 0x08), which is what (Fashion-)MNIST uses."""
+    import gzip
+
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{str(path)!r} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{str(path)!r} is truncated: {body.size} values for shape {tuple(dims)}")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for folder in (root, root / "FashionMNIST" / "raw"):  # the package's flat folder, torchvision's layout
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def fit_resolution(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """``[N, C, S, S]`` images at ``resolution``: centred in a border of the background value -1 when larger (28 to 32
+    pads 2 pixels a side, so a latent autoencoder can halve it twice), area-averaged when smaller."""
+    size = x.shape[-1]
+    if resolution is None or resolution == size:
+        return x
+    if resolution > size:
+        lo = (resolution - size) // 2
+        return torch.nn.functional.pad(x, (lo, resolution - size - lo, lo, resolution - size - lo), value=-1.0)
+    return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="area")
+
+
+def fashion_mnist_dataset(root: str, resolution: int | None = None, channels: int = 1, split: str = "train") -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 training / 10,000 test images, 28x28 grey, 10 classes
+    (:data:`FASHION_MNIST_CLASSES`), from the IDX files in ``root`` (flat, gzipped or not, or torchvision's
+    ``FashionMNIST/raw``), scaled to [-1, 1] and fitted to ``resolution`` (:func:`fit_resolution`)."""
+    p = Path(os.path.expanduser(root))
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = _find_idx(p, f"{prefix}-images-idx3-ubyte"), _find_idx(p, f"{prefix}-labels-idx1-ubyte")
+    if images is None or labels is None:
+        raise DataError(
+            f"no Fashion-MNIST IDX files in {root!r}: install them with 'apt-get install dataset-fashion-mnist' "
+            f"(then data.root: {FASHION_MNIST_ROOT}) or, online, download them with torchvision: python -c \"from "
+            f"torchvision.datasets import FashionMNIST; FashionMNIST('{root}', download=True)\"")
+    x = torch.from_numpy(read_idx(images).copy()).float()[:, None] / 127.5 - 1
+    y = torch.from_numpy(read_idx(labels).astype(np.int64))
+    if len(x) != len(y):
+        raise DataError(f"Fashion-MNIST in {root!r}: {len(x)} images but {len(y)} labels")
+    x = fit_resolution(x, resolution)
+    return TensorDataset(x.expand(-1, channels, -1, -1).contiguous() if channels != 1 else x, y)
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "cifar10": cifar10_dataset,
     "imagefolder": imagefolder_dataset,
     "digits": digits_dataset,
+    "fashion_mnist": fashion_mnist_dataset,
 }
 
 

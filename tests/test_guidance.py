@@ -15,7 +15,7 @@ def teacher():
 
 
 def test_one_batched_call_equals_the_two_calls_combined(teacher):
-    g = GuidedDenoiser(teacher, null_class=10, guidance_scale=3.0)
+    g = GuidedDenoiser(teacher, {"class_labels": 10}, guidance_scale=3.0)
     x, s, y = torch.randn(4, 1, 8, 8), torch.tensor([0.5, 2.0, 10.0, 80.0]), torch.tensor([0, 3, 7, 9])
     with torch.no_grad():
         dc, du = teacher(x, s, class_labels=y), teacher(x, s, class_labels=torch.full_like(y, 10))
@@ -26,7 +26,7 @@ def test_one_batched_call_equals_the_two_calls_combined(teacher):
 
 def test_scale_one_is_the_conditional_teacher_and_scales_go_per_sample(teacher):
     # different batch compositions (6 vs 3 vs 2 rows) round float32 convolutions differently: 1e-4
-    g = GuidedDenoiser(teacher, null_class=10)
+    g = GuidedDenoiser(teacher, {"class_labels": 10})
     x, s, y = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 5.0, 20.0]), torch.tensor([1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(g(x, s, class_labels=y), teacher(x, s, class_labels=y), rtol=1e-4, atol=1e-4)
@@ -39,7 +39,7 @@ def test_scale_one_is_the_conditional_teacher_and_scales_go_per_sample(teacher):
 def test_solvers_run_on_the_guided_teacher(teacher):
     from cmdistill.core.solvers import solve
 
-    g = GuidedDenoiser(teacher, null_class=10, guidance_scale=2.0)
+    g = GuidedDenoiser(teacher, {"class_labels": 10}, guidance_scale=2.0)
     x = torch.randn(2, 1, 8, 8) * 5
     with torch.no_grad():
         out = solve(g, x, torch.tensor([5.0, 5.0]), torch.tensor([4.0, 4.0]), "heun", class_labels=torch.tensor([1, 2]))
@@ -65,7 +65,7 @@ def test_guided_distillation_bakes_the_scale_into_the_student(tmp_path, monkeypa
     run = distill_digits(tmp_path / "run", [f"teacher.path={teacher_dir}", "guidance.scale=3", "train.max_steps=2",
                                             "train.batch_size=8", "loss.distance=l2", "train.num_sample_images=4",
                                             "eval.at_end=false", "eval.curve=false", "student.sigma_max=null"])
-    assert all(isinstance(t, GuidedDenoiser) and t.guidance_scale == 3.0 and t.null_class == 10 and y is not None
+    assert all(isinstance(t, GuidedDenoiser) and t.guidance_scale == 3.0 and int(t.null_condition["class_labels"]) == 10 and y is not None
                for t, y in teachers) and len(teachers) == 2
     pipe = ConsistencyPipeline.from_pretrained(run / "student")
     assert pipe.consistency_function.guidance_scale == 3.0
@@ -89,7 +89,7 @@ def test_guidance_needs_a_conditional_teacher(tiny_teacher_dir, tmp_path):
 
 def test_guided_run_net_is_the_two_outputs_combined(teacher):
     """What diffusers' scheduler loops (the DPM-Solver++ / UniPC baselines) call: the guided raw network output."""
-    g = GuidedDenoiser(teacher, null_class=10, guidance_scale=2.5)
+    g = GuidedDenoiser(teacher, {"class_labels": 10}, guidance_scale=2.5)
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([2, 4, 6])
     with torch.no_grad():
         ec, eu = teacher.run_net(x, t, class_labels=y), teacher.run_net(x, t, class_labels=torch.full_like(y, 10))

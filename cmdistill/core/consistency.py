@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .guidance import added_to_time_embedding
+from .networks import added_to_embedding
 from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
 from .tensors import append_dims, as_sigma, promote
@@ -92,7 +92,7 @@ class ConsistencyFunction(nn.Module):
             return param(self.denoiser, x, sigma, **cond)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         w = torch.as_tensor(w, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        with added_to_time_embedding(self.denoiser.net, self.guidance_embedding(w)):
+        with added_to_embedding(self.denoiser.net, self.guidance_embedding(w)):
             return param(self.denoiser, x, sigma, **cond)
 
     def start(self, z: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .networks import UnsupportedNetwork, call_network, family_of
 from .schedules import ddpm_betas, vp_sigmas_from_betas
 from .tensors import append_dims, as_sigma, compute_dtype, promote, sync_checks_enabled
 
@@ -57,7 +58,7 @@ class Denoiser(nn.Module):
             )
 
     def run_net(self, x_in: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """Call the network on its compute dtype (it may run under autocast); result back in ``x_in``'s.
+        """Call the network (through its family, :func:`~cmdistill.core.networks.call_network`) on its compute dtype (it may run under autocast); result back in ``x_in``'s.
 
         The compute dtype (:func:`~cmdistill.core.tensors.compute_dtype`) is not the storage dtype under diffusers'
         layerwise casting (weights stored in e.g. fp8, upcast per layer).
@@ -66,9 +67,7 @@ class Denoiser(nn.Module):
         time embeddings take fp32 timesteps and cast the embedding, not the timestep, to the weight dtype."""
         dtype = compute_dtype(self.net)
         net_in = x_in.to(dtype) if dtype is not None and dtype != x_in.dtype else x_in
-        out = self.net(net_in, t.float(), **cond)
-        out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
-        return out.to(x_in.dtype)
+        return call_network(self.net, net_in, t.float(), cond).to(x_in.dtype)
 
     def net_output(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         """The network's raw output at ``(x, sigma)``, with this adapter's input scaling and time conditioning (what
@@ -225,17 +224,17 @@ ADAPTERS: dict[str, type[Denoiser]] = {"ddpm": DDPMDenoiser, "edm": EDMDenoiser}
 
 def unsupported_reason(scheduler_config: dict[str, Any], net: nn.Module | None = None) -> str | None:
     """Why a teacher of a known scheduler family would still be misread (``None`` when it is read correctly):
-    continuous timesteps where the adapter feeds discrete ones, or a learned-variance network whose output holds
-    twice the input channels (Nichol & Dhariwal 2021, eq. 15: epsilon and the variance interpolation)."""
+    continuous timesteps where the adapter feeds discrete ones, or a network of a family the seam cannot call
+    (:func:`~cmdistill.core.networks.family_of`; a learned-variance output is read, cut to its mean half)."""
     name = scheduler_config.get("_class_name", "the scheduler")
     if scheduler_config.get("timestep_type", "discrete") != "discrete":
         return (f"{name} with timestep_type={scheduler_config['timestep_type']!r} feeds the network "
                 "0.25 ln(sigma), not a DDPM timestep; cmdistill reads discrete timesteps only")
-    cfg = getattr(net, "config", None)
-    c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
-    if c_in and c_out and c_out == 2 * c_in:
-        return (f"{type(net).__name__} outputs {c_out} channels for {c_in} input channels (a learned-variance "
-                "model); cmdistill reads networks whose output has the input's channels")
+    if net is not None:
+        try:
+            family_of(net)
+        except UnsupportedNetwork as e:
+            return str(e)
     return None
 
 

@@ -3,31 +3,36 @@ form): ``D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, 
 
 The guided teacher satisfies the denoiser contract, so the ODE solvers that make the distillation pairs use it
 unchanged (LCM's guided distillation, Luo et al. 2023, Sec. 4.2). Both halves run in one batched network call.
-``w = 1`` is the conditional teacher; ``w = 0`` the unconditional one. The null class is one extra label of the
-teacher's class embedding (the label the teacher saw when its label was dropped in training; :func:`null_class`).
+``w = 1`` is the conditional teacher; ``w = 0`` the unconditional one. The null condition is the network family's
+(:mod:`.networks`): for class-conditional teachers one extra label of the class table, the label the teacher saw
+when its label was dropped in training (:func:`~cmdistill.core.networks.null_class`).
 The recipe's guidance section reaches the networks through :func:`guided_teacher` (the pairs' teacher) and
 :func:`attach_guidance` (the student), the one way for training, evaluation and sampling alike.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .tensors import append_dims, as_sigma, num_class_embeds, promote
+from .networks import class_rows, embedding_width, null_condition
+from .tensors import append_dims, as_sigma, promote
 
 
 class GuidedDenoiser(nn.Module):
-    """A class-conditional denoiser with classifier-free guidance at scale ``w`` (a float, or one per sample).
+    """A conditional denoiser with classifier-free guidance at scale ``w`` (a float, or one per sample).
 
-    It also guides the raw network output (:meth:`run_net`), which is what diffusers' scheduler loops call: the
-    output is affine in ``D`` with the same coefficients for both halves, so guiding it is guiding ``D``."""
+    ``null_condition``: the condition dict that stands for "no condition" for one sample (the null class,
+    :func:`~cmdistill.core.networks.null_condition`), broadcast to the batch; each call's condition dict (e.g.
+    ``class_labels``) has the same keys. It also guides the raw network output (:meth:`run_net`), which is what
+    diffusers' scheduler loops call: the output is affine in ``D`` with the same coefficients for both halves, so
+    guiding it is guiding ``D``."""
 
-    def __init__(self, denoiser: nn.Module, null_class: int, guidance_scale: float = 1.0):
+    def __init__(self, denoiser: nn.Module, null_condition: dict, guidance_scale: float = 1.0):
         super().__init__()
-        self.denoiser, self.null_class, self.guidance_scale = denoiser, int(null_class), float(guidance_scale)
+        self.denoiser, self.guidance_scale = denoiser, float(guidance_scale)
+        self.null_condition = dict(null_condition)
         self.net = denoiser.net  # shared, not copied: what image_shape and the samplers read
         self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
         self.sigma_data = getattr(denoiser, "sigma_data", 0.5)
@@ -41,25 +46,38 @@ class GuidedDenoiser(nn.Module):
     def prior_std(self, sigma: float) -> float:
         return self.denoiser.prior_std(sigma) if hasattr(self.denoiser, "prior_std") else float(sigma)
 
-    def _guide(self, call, x: torch.Tensor, extra: torch.Tensor, class_labels, guidance_scale) -> torch.Tensor:
-        """``call(x2, extra2, labels2)`` once on the conditional and null halves, combined at scale ``w``."""
-        labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(x.shape[0])
-        null = torch.full_like(labels, self.null_class)
-        out_cond, out_null = call(torch.cat([x, x]), torch.cat([extra, extra]), torch.cat([labels, null])).chunk(2)
+    def _doubled(self, cond: dict, batch: int, device) -> dict:
+        """The conditional half then the null half of every condition, each broadcast to ``batch``."""
+        if set(cond) != set(self.null_condition):
+            raise ValueError(f"guidance needs the conditions {sorted(self.null_condition)}, got {sorted(cond)}")
+        return {k: torch.cat([batched(v, batch, device), batched(self.null_condition[k], batch, device)])
+                for k, v in cond.items()}
+
+    def _guide(self, call, x: torch.Tensor, extra: torch.Tensor, cond: dict, guidance_scale) -> torch.Tensor:
+        """``call(x2, extra2, cond2)`` once on the conditional and null halves, combined at scale ``w``."""
+        both = self._doubled(cond, x.shape[0], x.device)
+        out_cond, out_null = call(torch.cat([x, x]), torch.cat([extra, extra]), both).chunk(2)
         w = torch.as_tensor(self.guidance_scale if guidance_scale is None else guidance_scale, device=x.device,
                             dtype=out_cond.dtype).reshape(-1).expand(x.shape[0])
         return out_null + append_dims(w, x.ndim) * (out_cond - out_null)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor, guidance_scale=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, guidance_scale=None, **cond) -> torch.Tensor:
         x = promote(x)
-        return self._guide(lambda x2, s2, y2: self.denoiser(x2, s2, class_labels=y2), x, as_sigma(sigma, x),
-                           class_labels, guidance_scale)
+        return self._guide(lambda x2, s2, c2: self.denoiser(x2, s2, **c2), x, as_sigma(sigma, x), cond,
+                           guidance_scale)
 
-    def run_net(self, x_in: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor,
-                guidance_scale=None) -> torch.Tensor:
+    def run_net(self, x_in: torch.Tensor, t: torch.Tensor, guidance_scale=None, **cond) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_in.device).reshape(-1).expand(x_in.shape[0])
-        return self._guide(lambda x2, t2, y2: self.denoiser.run_net(x2, t2, class_labels=y2), x_in, t,
-                           class_labels, guidance_scale)
+        return self._guide(lambda x2, t2, c2: self.denoiser.run_net(x2, t2, **c2), x_in, t, cond, guidance_scale)
+
+
+def batched(v, batch: int, device) -> torch.Tensor:
+    """A condition for one sample (a scalar label, a ``[1, ...]`` embedding) or for each, as a ``[batch, ...]``
+    tensor on ``device``."""
+    v = torch.as_tensor(v, device=device)
+    if v.ndim == 0:
+        return v.reshape(1).expand(batch)
+    return v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v
 
 
 def scale_features(w: torch.Tensor, num_features: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -78,8 +96,9 @@ class GuidanceEmbedding(nn.Module):
 
     ``w -> Linear(num_features, dim) -> SiLU -> Linear(dim, dim)`` on :func:`scale_features`. The last layer starts at
     zero, so a new embedding adds nothing and the student still starts as the teacher (the ControlNet "zero
-    convolution" start); training then moves it. diffusers' ``UNet2DModel`` has no ``time_cond_proj_dim``, so the
-    vector enters through a forward hook on ``net.time_embedding`` (:func:`added_to_time_embedding`)."""
+    convolution" start); training then moves it. diffusers' ``UNet2DModel`` and DiT have no ``time_cond_proj_dim``, so
+    the vector enters through forward hooks on the embeddings the network family names (the U-Net's time embedding,
+    each DiT block's conditioning embedding: :func:`~cmdistill.core.networks.added_to_embedding`)."""
 
     def __init__(self, embedding_dim: int, num_features: int = 64):
         super().__init__()
@@ -91,8 +110,8 @@ class GuidanceEmbedding(nn.Module):
 
     @classmethod
     def for_net(cls, net: nn.Module, num_features: int = 64) -> "GuidanceEmbedding":
-        """A zero-started embedding that fits ``net``'s time embedding (a diffusers U-Net's ``time_embedding``)."""
-        dim = time_embedding_dim(net)
+        """A zero-started embedding as wide as ``net``'s embedding sites (:func:`~cmdistill.core.networks.embedding_width`)."""
+        dim = embedding_width(net)
         first = next(net.parameters())
         return cls(dim, num_features).to(first.device)
 
@@ -101,59 +120,25 @@ class GuidanceEmbedding(nn.Module):
         return self.mlp(scale_features(w, self.num_features).to(p.device, p.dtype))
 
 
-def time_embedding_dim(net: nn.Module) -> int:
-    """Width of a diffusers U-Net's time embedding (the output of ``net.time_embedding``)."""
-    emb = getattr(net, "time_embedding", None)
-    last = getattr(emb, "linear_2", None)
-    if not isinstance(last, nn.Linear):
-        raise ValueError(f"a guidance embedding needs a diffusers U-Net with a time_embedding; got "
-                         f"{type(net).__name__}")
-    return last.out_features
-
-
-@contextmanager
-def added_to_time_embedding(net: nn.Module, extra: torch.Tensor):
-    """Within the block, ``net.time_embedding(t)`` returns ``time_embedding(t) + extra`` (``extra``: ``[B, dim]``)."""
-    handle = net.time_embedding.register_forward_hook(
-        lambda module, args, out: out + extra.to(out.device, out.dtype))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def null_class(net: nn.Module, null: int | None = None) -> int:
-    """The label that stands for "no class" in a class-conditional network: ``null`` when given, else the last of its
-    ``num_class_embeds`` embeddings (the label its training substituted when it dropped a label, cmdistill's
-    ``train.label_dropout``; diffusers' ``DiTPipeline`` uses the same convention, class 1000 of 1001). The one place
-    this convention lives."""
-    n = num_class_embeds(net)
-    if n is None:
-        raise ValueError(f"{type(net).__name__} is not class-conditional (no num_class_embeds): it has no null class")
-    null = n - 1 if null is None else int(null)
-    if not 0 <= null < n:
-        raise ValueError(f"the null class must lie in [0, {n - 1}], got {null}")
-    return null
-
-
 def guided_teacher(teacher: nn.Module, guidance_scale: float | None, null: int | None = None,
                    per_sample: bool = False) -> nn.Module:
     """The teacher with classifier-free guidance at ``guidance_scale`` (LCM's guided distillation; with
     ``per_sample`` a ``guidance_scale`` given to each call, one ``w`` per sample, defaulting to this one), or the
     teacher itself, one network call a step, at a fixed scale of 1 (or ``None``). ``null``: the null class
-    (:func:`null_class`). A ``ValueError`` when guidance is asked of an unconditional teacher."""
+    (:func:`~cmdistill.core.networks.null_class`). A ``ValueError`` when guidance is asked of an unconditional
+    teacher."""
     if not per_sample and (guidance_scale is None or float(guidance_scale) == 1.0):
         return teacher
-    if num_class_embeds(teacher.net) is None:
-        raise ValueError("classifier-free guidance needs a class-conditional teacher (a network with num_class_embeds)")
-    return GuidedDenoiser(teacher, null_class(teacher.net, null), 1.0 if guidance_scale is None else guidance_scale)
+    if class_rows(teacher.net) is None:
+        raise ValueError("classifier-free guidance needs a class-conditional teacher (a network with a class table)")
+    return GuidedDenoiser(teacher, null_condition(teacher.net, null), 1.0 if guidance_scale is None else guidance_scale)
 
 
 def attach_guidance(student: nn.Module, guidance_scale: float, w_range: tuple[float, float] | None = None) -> None:
     """What a consistency function knows of guidance, set before its target and EMA are copied from it: for a range
     ``w_range`` of scales a zero-started :class:`GuidanceEmbedding` (``w`` is an input, ``guidance_scale`` its
     default); else a fixed ``guidance_scale`` other than 1 built in (nothing for 1). A ``ValueError`` for a network
-    without a time embedding to add ``w`` to."""
+    without an embedding to add ``w`` to."""
     if w_range is not None:
         student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
         student.guidance_range = (float(w_range[0]), float(w_range[1]))

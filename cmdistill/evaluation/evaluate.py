@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
-from ..core.tensors import image_shape, num_class_embeds
+from ..core.networks import class_rows, image_shape
 from ..export.pipeline import config_file
 from ..machine import machine_fingerprint
 from .baselines import make_baselines, student_start, teacher_start
@@ -205,7 +205,7 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or shape[1], shape[0])
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
     run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher)
-    if num_class_embeds(teacher.net) is not None:
+    if class_rows(teacher.net) is not None:
         condition_run(run, num_labels(ds), guidance_scale)
     elif guidance_scale is not None:
         raise EvalError("--guidance-scale applies to a class-conditional run; this teacher is unconditional")
@@ -227,7 +227,7 @@ def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> N
     classifier-free guidance at ``w`` (one-line errors for a student that cannot sample it)."""
     from ..core.guidance import guided_teacher
 
-    if run.pipe is not None and num_class_embeds(run.pipe.unet) is None:
+    if run.pipe is not None and class_rows(run.pipe.unet) is None:
         raise EvalError("the teacher is class-conditional but the student is not; evaluate it with its own teacher "
                         "(--teacher)")
     fn = run.pipe.consistency_function if run.pipe is not None else None

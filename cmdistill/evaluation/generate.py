@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING
-from ..core.tensors import image_shape, num_class_embeds
+from ..core.networks import class_rows, image_shape
 from ..export.pipeline import ConsistencyPipeline, check_student_folder, config_file
 from ..images import save_grid, save_png, to_uint8
 
@@ -140,7 +140,7 @@ def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, se
     if class_label is not None or guidance_scale is not None:
         if class_label is None:
             raise SampleError("--guidance-scale needs --class-label (classifier-free guidance of a class)")
-        n = num_class_embeds(teacher.net)
+        n = class_rows(teacher.net)
         if n is None:
             raise SampleError("--class-label and --guidance-scale need a class-conditional teacher; this one is "
                               "unconditional")

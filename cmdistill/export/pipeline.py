@@ -34,7 +34,8 @@ from ..core.denoisers import build_denoiser
 from ..core.guidance import GuidanceEmbedding
 from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.sampling import default_multistep_sigmas, sample_consistency
-from ..core.tensors import image_shape, num_class_embeds
+from ..core.networks import class_rows, image_shape
+
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generator = Union[torch.Generator, list[torch.Generator], None]
@@ -278,7 +279,7 @@ class ConsistencyPipeline(DiffusionPipeline):
     def conditioning(self, class_labels, batch_size: int, device) -> dict:
         """``{"class_labels": tensor}`` for a class-conditional student, ``{}`` for an unconditional one; a
         ``ValueError`` (one line) when the labels do not fit the student."""
-        n = num_class_embeds(self.unet)
+        n = class_rows(self.unet)
         if n is None:
             if class_labels is not None:
                 raise ValueError("this student is unconditional: call it without class_labels")
@@ -410,7 +411,7 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
     fn = pipe.consistency_function
     c, h, w = image_shape(pipe.unet)
     stored = pipe.multistep_sigmas
-    conditional = num_class_embeds(pipe.unet) is not None
+    conditional = class_rows(pipe.unet) is not None
     tag = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
     call = "batch_size=16, num_inference_steps=1" + (", class_labels=3" if conditional else "")
     if fn.guidance_range is not None:

@@ -102,7 +102,8 @@ def build_bank(teacher, spec: BankSpec, prior_mean: Optional[torch.Tensor], devi
                progress: bool = True) -> dict[str, torch.Tensor]:
     """``spec.count`` trajectories from noise seeded with ``spec.seed``; conditional teachers get the classes in
     turn (balanced)."""
-    from ..core.tensors import image_shape
+    from ..core.networks import image_shape
+
 
     g = torch.Generator().manual_seed(spec.seed)
     z = torch.randn(spec.count, *image_shape(teacher.net), generator=g)

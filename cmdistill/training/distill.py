@@ -19,11 +19,12 @@ from torch.utils.data import Dataset
 from ..config import ConfigError, Recipe
 from ..core.cd_step import cd_loss
 from ..core.consistency import make_student, make_target, update_target
-from ..core.guidance import attach_guidance, guided_teacher, null_class
+from ..core.guidance import attach_guidance, guided_teacher
 from ..core.losses import get_weighting, make_distance
+from ..core.networks import class_rows, image_shape, null_class
 from ..core.sampling import sample_consistency
 from ..core.schedules import SUBSTEP_SCHEDULES, PairSchedule
-from ..core.tensors import DTYPES, image_shape, num_class_embeds, to_device
+from ..core.tensors import DTYPES, to_device
 from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip
 from ..images import save_grid
 from ..teachers import load_teacher
@@ -97,7 +98,7 @@ def guidance_of(recipe: Recipe, teacher, student=None):
     gc = recipe.guidance
     w_range = gc.w_range
     guided = gc.scale != 1.0 or w_range is not None
-    if guided and num_class_embeds(teacher.net) is None:
+    if guided and class_rows(teacher.net) is None:
         what = "'guidance.w_min'/'w_max' are set" if w_range else f"'guidance.scale' is {gc.scale:g}"
         raise ConfigError(f"{what} but the teacher {recipe.teacher.path!r} is not class-conditional; set "
                           "guidance.scale to 1 and leave w_min/w_max unset")
@@ -130,7 +131,7 @@ class Distillation:
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
         self.pair_teacher = guidance_of(recipe, self.teacher)  # the teacher the ODE pairs come from
         # data-free: the bank's x0 are the data (a conditional teacher's classes: all its labels below the null one)
-        classes = null_class(self.teacher.net) if num_class_embeds(self.teacher.net) is not None else None
+        classes = null_class(self.teacher.net) if class_rows(self.teacher.net) is not None else None
         self.bank = self.load_bank(None, classes) if recipe.data.name == "teacher" else None
         self.dataset = dataset if dataset is not None else (
             bank_dataset(self.bank) if self.bank is not None else build_data(recipe, self.teacher))
@@ -151,10 +152,10 @@ class Distillation:
         self.sample_noise = torch.randn(tc.num_sample_images, c, h, w,
                                         generator=torch.Generator().manual_seed(tc.seed)).to(device)
         self.batches = None
-        self.conditional = num_class_embeds(self.teacher.net) is not None
+        self.conditional = class_rows(self.teacher.net) is not None
         self.sample_cond = {}
         if self.conditional:
-            classes, embeds = num_labels(self.dataset), num_class_embeds(self.teacher.net)
+            classes, embeds = num_labels(self.dataset), class_rows(self.teacher.net)
             if classes > embeds:
                 raise DataError(f"dataset {recipe.data.name!r} has {classes} classes but the teacher embeds {embeds}")
             # sample grids of a conditional student: one class per column, cycling through the data's classes
@@ -165,7 +166,7 @@ class Distillation:
         from .bank import BankSpec, teacher_fingerprint, tensor_sha256
 
         r, bc = self.recipe, self.recipe.bank
-        null = getattr(self.pair_teacher, "null_class", None)
+        null = {k: v.tolist() for k, v in getattr(self.pair_teacher, "null_condition", {}).items()} or None
         return BankSpec(teacher=str(r.teacher.path), teacher_fingerprint=teacher_fingerprint(self.teacher, null),
                         start=bc.start, solver=bc.solver, num_scales=bc.num_scales or r.schedule.num_scales,
                         rho=float(r.schedule.rho), sigma_min=float(self.student.sigma_min),

@@ -10,12 +10,13 @@ from .optim import LR_SCHEDULES, OPTIMIZERS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")   # accelerate's mixed_precision values the loop runs
 NONFINITE_MODES = ("stop", "skip")         # train.on_nonfinite: the loop's NonFiniteGuard
+TEACHER_MODELS = ("unet", "dit", "autoencoder")  # train-teacher's model key (cmdistill.training.teacher.teacher_tasks)
 
 
 def training_registries() -> dict:
     return {"train.mixed_precision": MIXED_PRECISION, "train.on_nonfinite": NONFINITE_MODES,
             "optim.name": OPTIMIZERS, "optim.lr_schedule": LR_SCHEDULES, "bank.start": BANK_STARTS,
-            "bank.solver": SOLVERS, "loss.regression_schedule": REGRESSION_SCHEDULES}
+            "bank.solver": SOLVERS, "loss.regression_schedule": REGRESSION_SCHEDULES, "model": TEACHER_MODELS}
 
 
 def check_training(recipe) -> None:

@@ -1,10 +1,13 @@
 """Train a small DDPM teacher (Ho et al. 2020, "Denoising diffusion probabilistic models", Algorithm 1) as a task of
-the one training loop (:mod:`.loop`), and export it as a ``DDPMPipeline`` folder.
+the one training loop (:mod:`.loop`), and export it as a diffusers pipeline folder.
 
-This is how the shipped digits teacher (``recipes/teachers/digits``) was made: a diffusers ``UNet2DModel``
-trained to predict ``epsilon`` (or ``v`` / ``x0``) under a ``DDPMScheduler``, with an ema-pytorch EMA of its
-weights, which is what gets exported. Its recipe is :class:`cmdistill.config.TeacherRecipe`, read by the same
-strict loader as the distillation recipe.
+This is how the shipped teachers were made: a diffusers ``UNet2DModel`` (``model: unet``; exported as a
+``DDPMPipeline``) or a class-conditional ``DiTTransformer2DModel`` (``model: dit``, Peebles & Xie 2023) on the latents
+of a package-made autoencoder (``latent.vae``, encoded once through :mod:`cmdistill.latents`; exported as a
+``DiTPipeline`` with the autoencoder and a ``DDIMScheduler``), trained to predict ``epsilon`` (or ``v`` / ``x0``) under
+a ``DDPMScheduler``, with an ema-pytorch EMA of its weights, which is what gets exported. Its recipe is
+:class:`cmdistill.config.TeacherRecipe`, read by the same strict loader as the distillation recipe; ``model:
+autoencoder`` trains the autoencoder itself (:mod:`.autoencoder`).
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, NoiseConfig, TeacherRecipe, UNetConfig
-from ..core.guidance import null_class
+from ..config import ConfigError, NoiseConfig, TeacherRecipe, TransformerConfig, UNetConfig
+from ..core.networks import call_network, class_rows, image_shape, null_class, prepare_network
 from ..data import check_fits, make_dataset, num_labels, random_hflip
 from ..images import save_grid
 from .ema import make_eval_ema
@@ -38,6 +41,22 @@ def make_unet(cfg: UNetConfig):
         raise ConfigError(f"bad 'unet' section: {e}") from None
 
 
+def make_dit(cfg: TransformerConfig):
+    """A fresh class-conditional ``DiTTransformer2DModel`` from the recipe (``learn_sigma``: 2C output channels)."""
+    from diffusers import DiTTransformer2DModel
+
+    kw = dataclasses.asdict(cfg)
+    kw["out_channels"] = kw["in_channels"] * (2 if kw.pop("learn_sigma") else 1)
+    try:
+        return DiTTransformer2DModel(**kw)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"bad 'transformer' section: {e}") from None
+
+
+# the denoising network of model: unet | dit, made from its recipe section
+NETWORKS: dict[str, Callable] = {"unet": lambda r: make_unet(r.unet), "dit": lambda r: make_dit(r.transformer)}
+
+
 def make_scheduler(cfg: NoiseConfig):
     from diffusers import DDPMScheduler
 
@@ -56,11 +75,11 @@ def ddpm_loss(unet, sched, x0: torch.Tensor, **cond) -> torch.Tensor:
     """Ho et al. (2020) Algorithm 1: ``t ~ U{0..T-1}``, ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``,
     mean squared error between the network output and the prediction target. Draws from the global RNG, which
     the training loop checkpoints and restores like every other stream. ``cond`` (``class_labels``) goes to the
-    network."""
+    network, which is called through its family (:func:`~cmdistill.core.networks.call_network`)."""
     noise = torch.randn(x0.shape).to(x0.device)
     t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],)).to(x0.device)
     x_t = sched.add_noise(x0, noise, t)
-    out = unet(x_t, t, **cond).sample
+    out = call_network(unet, x_t, t, cond)
     tgt = TARGETS[sched.config.prediction_type](sched, x0, noise, t)
     return torch.nn.functional.mse_loss(out.float(), tgt.float())
 
@@ -71,7 +90,8 @@ def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0, classes:
     class-conditional ``unet`` draws class ``i % classes`` for image ``i``."""
     from ..core.denoisers import build_denoiser
     from ..core.sampling import sample_ode, teacher_sigmas
-    from ..core.tensors import image_shape
+    from ..core.networks import image_shape
+
 
     den = build_denoiser(unet, dict(sched.config), "ddpm")
     noise = torch.randn(n, *image_shape(unet), generator=torch.Generator().manual_seed(seed))
@@ -88,20 +108,20 @@ class TeacherTraining:
 
     def __init__(self, recipe: TeacherRecipe, accelerator, dataset: Dataset | None = None):
         self.recipe, self.acc = recipe, accelerator
-        dc, uc, tc = recipe.data, recipe.unet, recipe.train
-        if dc.resolution is not None and dc.resolution != uc.sample_size:
-            raise ConfigError(f"'data.resolution' ({dc.resolution}) must be null or unet.sample_size "
-                              f"({uc.sample_size})")
+        dc, tc = recipe.data, recipe.train
+        unet = NETWORKS[recipe.model](recipe).to(accelerator.device)
+        prepare_network(unet)
+        channels, side, _ = image_shape(unet)
+        self.vae = None
         if dataset is None:
-            dataset = make_dataset(dc.name, dc.root, uc.sample_size, uc.in_channels)
-            check_fits(dataset, uc.sample_size, uc.in_channels, dc.name)
+            dataset = self.training_data(channels, side)
         self.dataset = dataset
-        self.num_classes = num_labels(dataset) if uc.num_class_embeds else None
-        if self.num_classes and self.num_classes + (tc.label_dropout > 0) > uc.num_class_embeds:
-            raise ConfigError(f"'unet.num_class_embeds' is {uc.num_class_embeds}: it must hold the data's "
+        rows = class_rows(unet)
+        self.num_classes = num_labels(dataset) if rows else None
+        if self.num_classes and self.num_classes + (tc.label_dropout > 0) > rows:
+            raise ConfigError(f"the {recipe.model} network's class table has {rows} rows: it must hold the data's "
                               f"{self.num_classes} classes" + (" and the null class of label dropout"
                                                                if tc.label_dropout > 0 else ""))
-        unet = make_unet(uc).to(accelerator.device)
         self.null = null_class(unet) if self.num_classes else None  # the label dropped labels become
         self.scheduler = make_scheduler(recipe.scheduler)
         self.ema = make_eval_ema(unet, tc.ema_decay, 0, tc.ema_power).to(accelerator.device)
@@ -113,12 +133,37 @@ class TeacherTraining:
         self.generators = {"flip": self.flip_gen}
         self.batches = None
 
+    def training_data(self, channels: int, side: int) -> Dataset:
+        """The recipe's images (``model: unet`` in pixels), or their latents under ``latent.vae`` (encoded once into
+        the verified cache, :func:`cmdistill.latents.latent_dataset`), checked against the network's input."""
+        from ..latents import latent_dataset, load_vae
+
+        r, dc = self.recipe, self.recipe.data
+        if r.latent.vae is None:
+            if dc.resolution is not None and dc.resolution != side:
+                raise ConfigError(f"'data.resolution' ({dc.resolution}) must be null or the network's sample_size "
+                                  f"({side})")
+            ds = make_dataset(dc.name, dc.root, side, channels)
+            check_fits(ds, side, channels, dc.name)
+            return ds
+        if r.model != "dit":
+            raise ConfigError("a latent teacher (latent.vae) is trained as 'model: dit' (exported as a DiTPipeline)")
+        self.vae = load_vae(r.latent.vae, self.acc.device)
+        pixels = make_dataset(dc.name, dc.root, dc.resolution or self.vae.config.sample_size,
+                              self.vae.config.in_channels)
+        ds, folder = latent_dataset(pixels, r.latent.vae, r.latent.cache_dir, self.acc.device,
+                                    self.acc.is_main_process, self.acc.wait_for_everyone, self.acc.print)
+        check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
+        return ds
+
     def describe(self) -> list[str]:
         """The run's header: network, noise schedule, data."""
         r = self.recipe
         n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
         sc = r.scheduler
-        return [f"U-Net: {n_params:.2f} M parameters, {r.unet.in_channels}x{r.unet.sample_size}x{r.unet.sample_size}",
+        c, h, w = image_shape(self.ema.ema_model)
+        space = f"latents of {r.latent.vae}" if r.latent.vae else "pixels"
+        return [f"{type(self.ema.ema_model).__name__}: {n_params:.2f} M parameters, {c}x{h}x{w} ({space})",
                 f"noise: DDPM {sc.num_train_timesteps} steps, {sc.beta_schedule} betas, predicts {sc.prediction_type}",
                 f"data: {r.data.name}, {len(self.dataset)} images" + (", hflip" if r.data.hflip else ""),
                 f"export: {r.train.export_dir or Path(r.train.output_dir) / 'pipeline'}"]
@@ -148,7 +193,7 @@ class TeacherTraining:
         tc = self.recipe.train
         with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
             save_grid(sample_teacher_grid(self.ema.ema_model, self.scheduler, tc.num_sample_images, tc.sample_steps,
-                                          tc.seed, self.num_classes), path)
+                                          tc.seed, self.num_classes, self.vae), path)
 
 
 def export_pipeline(unet, sched, folder: Path) -> Path:
@@ -161,8 +206,31 @@ def export_pipeline(unet, sched, folder: Path) -> Path:
     return folder
 
 
+def export_dit_pipeline(transformer, vae, sched, folder: Path) -> Path:
+    """Write a ``DiTPipeline`` folder (transformer/, vae/, scheduler/ as a ``DDIMScheduler`` of the same betas;
+    safetensors)."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(sched.config)).save_pretrained(
+        str(folder), safe_serialization=True)
+    return folder
+
+
 def export_teacher(task: TeacherTraining, out: Path) -> Path:
-    """The EMA weights as a ``DDPMPipeline`` in ``train.export_dir`` (default ``<output_dir>/pipeline``)."""
+    """The EMA weights in ``train.export_dir`` (default ``<output_dir>/pipeline``): a ``DDPMPipeline`` of a pixel
+    U-Net, a ``DiTPipeline`` of a latent DiT."""
     tc = task.recipe.train
     folder = Path(tc.export_dir) if tc.export_dir else out / "pipeline"
-    return export_pipeline(copy.deepcopy(task.ema.ema_model).eval(), task.scheduler, folder)
+    net = copy.deepcopy(task.ema.ema_model).eval()
+    if task.vae is not None:
+        return export_dit_pipeline(net, task.vae, task.scheduler, folder)
+    return export_pipeline(net, task.scheduler, folder)
+
+
+def teacher_tasks() -> dict:
+    """``model`` -> (task, export): the registry behind ``train-teacher``'s ``model`` key."""
+    from .autoencoder import AutoencoderTraining, export_autoencoder
+
+    return {"unet": (TeacherTraining, export_teacher), "dit": (TeacherTraining, export_teacher),
+            "autoencoder": (AutoencoderTraining, export_autoencoder)}
