@@ -104,7 +104,9 @@ def run(args, recipe, device) -> dict:
 
     from cmdistill.core.consistency import update_target
     from cmdistill.core.solvers import solve
-    from cmdistill.core.tensors import append_dims, image_shape, skip_sync_checks
+    from cmdistill.core.tensors import append_dims, skip_sync_checks
+    from cmdistill.core.networks import image_shape
+
     from cmdistill.teachers import load_teacher
     from cmdistill.training.distill import Distillation
     from cmdistill.training.loop import NonFiniteGuard, optimizer_step, start_data

@@ -17,12 +17,13 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from .core.autoencoders import autoencoder_family, encode_latents, latent_affine
+from .data import DataError
 from .files import atomic_path, make_readable, sha256_file, write_atomic
 
 VAE_SUBFOLDERS = ("vae", "vqvae")  # where diffusers pipelines keep their autoencoder (LDMPipeline: vqvae)
 
 
-class LatentCacheError(RuntimeError):
+class LatentCacheError(DataError):
     """A latent cache that does not match what it claims to hold."""
 
 
@@ -33,7 +34,7 @@ def find_vae_folder(path: str | Path) -> Path:
     for folder in (p, *(p / s for s in VAE_SUBFOLDERS)):
         if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
             return folder
-    raise FileNotFoundError(f"no autoencoder (config.json + safetensors) in {str(path)!r} or its "
+    raise DataError(f"no autoencoder (config.json + safetensors) in {str(path)!r} or its "
                             f"{'/, '.join(VAE_SUBFOLDERS)}/ subfolder")
 
 
@@ -45,9 +46,12 @@ def load_vae(path: str | Path, device="cpu"):
     name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
     cls = getattr(diffusers, name, None)
     if cls is None:
-        raise ValueError(f"autoencoder class {name!r} in {folder} is not a diffusers model")
+        raise DataError(f"autoencoder class {name!r} in {folder} is not a diffusers model")
     vae = cls.from_pretrained(folder).to(device).eval().requires_grad_(False)
-    autoencoder_family(vae)  # an unknown class is refused here, before any data is read
+    try:
+        autoencoder_family(vae)  # an unknown class is refused here, before any data is read
+    except ValueError as e:
+        raise DataError(str(e)) from None
     return vae
 
 

@@ -13,6 +13,14 @@ class TeacherLoadError(RuntimeError):
     """A teacher folder or hub id could not be loaded (missing, malformed, unsupported, or offline)."""
 
 
+NETWORK_SUBFOLDERS = ("unet", "transformer")  # where diffusers pipelines keep the denoising network
+AUTOENCODER_SUBFOLDERS = ("vae", "vqvae")     # and the autoencoder of a latent teacher (LDMPipeline: vqvae)
+# what a hub download fetches: the network, the scheduler and the autoencoder, never text encoders or safety checkers
+HUB_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors",
+                *(f"{d}/*.{e}" for d in (*NETWORK_SUBFOLDERS, *AUTOENCODER_SUBFOLDERS, "scheduler")
+                  for e in ("json", "safetensors"))]
+
+
 def _resolve_folder(path_or_id: str) -> Path:
     """A local folder as is; a hub id through ``huggingface_hub.snapshot_download`` (json + weights only)."""
     p = Path(os.path.expanduser(path_or_id))
@@ -25,7 +33,7 @@ def _resolve_folder(path_or_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        return Path(snapshot_download(path_or_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, network error: one clear line
         reason = type(e).__name__
         raise TeacherLoadError(
@@ -35,10 +43,12 @@ def _resolve_folder(path_or_id: str) -> Path:
 
 
 def find_teacher_layout(folder: Path) -> tuple[Path, Path]:
-    """Return ``(model_dir, scheduler_config_file)`` for the DDPMPipeline layout (model_index.json, unet/,
-    scheduler/) or the flat layout of ``google/ddpm-cifar10-32`` (config.json + scheduler_config.json)."""
-    if (folder / "model_index.json").exists() and (folder / "unet" / "config.json").exists():
-        model_dir, sched = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    """Return ``(model_dir, scheduler_config_file)`` for a pipeline layout (model_index.json, ``unet/`` or
+    ``transformer/``, scheduler/: DDPMPipeline, DiTPipeline, LDMPipeline) or the flat layout of
+    ``google/ddpm-cifar10-32`` (config.json + scheduler_config.json)."""
+    nets = [folder / d for d in NETWORK_SUBFOLDERS if (folder / d / "config.json").exists()]
+    if (folder / "model_index.json").exists() and nets:
+        model_dir, sched = nets[0], folder / "scheduler" / "scheduler_config.json"
     else:
         model_dir, sched = folder, folder / "scheduler_config.json"
     if not (model_dir / "config.json").exists():
@@ -46,6 +56,15 @@ def find_teacher_layout(folder: Path) -> tuple[Path, Path]:
     if not sched.exists():
         raise TeacherLoadError(f"no scheduler_config.json for the teacher in {folder}")
     return model_dir, sched
+
+
+def teacher_autoencoder(path_or_id: str) -> Path | None:
+    """The autoencoder folder of a latent teacher (its ``vae/`` or ``vqvae/``), ``None`` for a pixel teacher."""
+    folder = _resolve_folder(path_or_id)
+    for d in AUTOENCODER_SUBFOLDERS:
+        if (folder / d / "config.json").exists():
+            return folder / d
+    return None
 
 
 def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True, dtype=None) -> Denoiser:

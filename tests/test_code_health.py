@@ -49,10 +49,10 @@ def _cmdistill_imports(path: Path) -> set[str]:
 # every layer of the package and the layers it may import from (docs/architecture.md): arrows point down only, and
 # training and export/evaluation are two columns that never import each other (commands.py composes them)
 BASE = {"core", "files", "images", "machine"}
-INPUTS = BASE | {"data", "teachers", "config"}
+INPUTS = BASE | {"data", "teachers", "latents", "config"}
 MAY_IMPORT = {
     "core": set(), "files": set(), "images": {"core"}, "machine": set(),
-    "data": BASE, "teachers": BASE, "config": BASE | {"data", "teachers"},
+    "data": BASE, "teachers": BASE, "latents": BASE | {"data"}, "config": BASE | {"data", "teachers"},
     "training": INPUTS, "export": BASE, "evaluation": INPUTS | {"export"},
     "commands": INPUTS | {"training", "export", "evaluation"},
     "cli": INPUTS | {"training", "export", "evaluation", "commands"},

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin, UNet2DModel
+from diffusers import (AutoencoderKL, ConfigMixin, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput,
+                       ModelMixin, SchedulerMixin, Transformer2DModel, UNet2DModel, VQModel)
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -34,7 +35,8 @@ from ..core.denoisers import build_denoiser
 from ..core.guidance import GuidanceEmbedding
 from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.sampling import default_multistep_sigmas, sample_consistency
-from ..core.networks import class_rows, image_shape
+from ..core.autoencoders import decode_latents
+from ..core.networks import class_rows, family_of, image_shape
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -69,8 +71,8 @@ def check_student_folder(folder: str | os.PathLike) -> Path:
     if name != ConsistencyPipeline.__name__:
         raise StudentLoadError(f"{folder} holds a {name or 'unknown'} pipeline, not a ConsistencyPipeline "
                                "(a cmdistill student)")
-    if "unet" not in cfg or not (folder / "unet").is_dir():
-        raise StudentLoadError(f"{folder} is incomplete: no unet/ subfolder")
+    if not any(_component(cfg, k) and (folder / k).is_dir() for k in NETWORK_COMPONENTS):
+        raise StudentLoadError(f"{folder} is incomplete: no unet/ or transformer/ subfolder")
     if not config_file(folder).is_file() and "adapter" not in cfg:
         raise StudentLoadError(f"{folder} is incomplete: no {config_file(folder).relative_to(folder)}")
     return folder
@@ -154,20 +156,62 @@ class StepCounted:
         return out
 
 
+NETWORK_COMPONENTS = ("unet", "transformer")  # the denoising network's slot, named as diffusers names it
+
+
+def _component(index: dict, name: str) -> bool:
+    """Whether a ``model_index.json`` names component ``name`` (diffusers writes ``[null, null]`` for an absent one)."""
+    v = index.get(name)
+    return isinstance(v, list) and len(v) == 2 and v[1] is not None
+
+
 class ConsistencyPipeline(DiffusionPipeline):
     """One- or few-step sampling with a consistency model (CM Algorithm 1).
+
+    Components: the student's network as ``unet`` (a ``UNet2DModel``) or ``transformer`` (a DiT), as diffusers names
+    them; ``consistency_config`` (how its output becomes the consistency function); ``guidance_embedding`` for a
+    student that takes the guidance scale as an input; ``vae`` for a latent student, whose samples it decodes.
 
     >>> pipe = ConsistencyPipeline.from_pretrained("runs/cd/student")
     >>> images = pipe(batch_size=16, num_inference_steps=1, generator=torch.manual_seed(0)).images
     """
 
-    model_cpu_offload_seq = "unet"
-    _optional_components = ["guidance_embedding"]
+    model_cpu_offload_seq = "unet->transformer->vae"
+    # every component has a default (a student has a unet or a transformer), so diffusers must be told they are components
+    _optional_components = ["unet", "transformer", "consistency_config", "guidance_embedding", "vae"]
 
-    def __init__(self, unet: UNet2DModel, consistency_config: ConsistencyConfig,
-                 guidance_embedding: Optional[GuidanceEmbeddingModel] = None):
+    def __init__(self, unet: Optional[UNet2DModel] = None, consistency_config: Optional[ConsistencyConfig] = None,
+                 guidance_embedding: Optional[GuidanceEmbeddingModel] = None,
+                 transformer: Union[DiTTransformer2DModel, Transformer2DModel, None] = None,
+                 vae: Union[AutoencoderKL, VQModel, None] = None):
         super().__init__()
-        self.register_modules(unet=unet, consistency_config=consistency_config, guidance_embedding=guidance_embedding)
+        if (unet is None) == (transformer is None):
+            raise ValueError("a ConsistencyPipeline has one network: a unet or a transformer")
+        if consistency_config is None:
+            raise ValueError("a ConsistencyPipeline needs its consistency_config")
+        self.register_modules(unet=unet, transformer=transformer, consistency_config=consistency_config,
+                              guidance_embedding=guidance_embedding, vae=vae)
+
+    @property
+    def network(self) -> ModelMixin:
+        """The student's denoising network (the ``unet`` or the ``transformer`` component)."""
+        return self.unet if getattr(self, "unet", None) is not None else self.transformer
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images it returns: the network's, or the autoencoder's pixels for a latent student."""
+        c, h, w = image_shape(self.network)
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return c, h, w
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        return int(vae.config.in_channels), h * f, w * f
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """A sample of the network's space as images in about [-1, 1]: decoded by the ``vae`` of a latent student
+        (:func:`~cmdistill.core.autoencoders.decode_latents`), as it is for a pixel student."""
+        vae = getattr(self, "vae", None)
+        return x if vae is None else decode_latents(vae, x)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -194,23 +238,25 @@ class ConsistencyPipeline(DiffusionPipeline):
             diffusers_logging.set_verbosity(verbosity)
 
     @classmethod
-    def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None):
+    def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None, vae=None):
         """Build from a trained :class:`ConsistencyFunction` (its network and guidance embedding are shared, not
-        copied)."""
+        copied); ``vae``: a latent student's autoencoder."""
         emb = student.guidance_embedding
         config = ConsistencyConfig(adapter=student.denoiser.adapter_config(), consistency=student.consistency_config(),
                                    multistep_sigmas=multistep_sigmas)
-        return cls(unet=student.denoiser.net, consistency_config=config,
+        net = student.denoiser.net
+        slot = "unet" if family_of(net).name in ("unet", "module") else "transformer"
+        return cls(**{slot: net}, consistency_config=config, vae=vae,
                    guidance_embedding=None if emb is None else GuidanceEmbeddingModel.wrap(emb))
 
     def _components_now(self) -> tuple:
         """What :attr:`consistency_function` is built from: the components and the config's current (frozen) dict,
         which ``register_to_config`` replaces."""
-        return self.unet, self.guidance_embedding, self.consistency_config, self.consistency_config.config
+        return self.network, self.guidance_embedding, self.consistency_config, self.consistency_config.config
 
     @property
     def consistency_function(self) -> ConsistencyFunction:
-        """The student ``f(x, sigma)`` in EDM space around the current ``unet`` and ``guidance_embedding``, from the
+        """The student ``f(x, sigma)`` in EDM space around the current network and ``guidance_embedding``, from the
         current ``consistency_config``; rebuilt (about 0.1-0.3 ms) whenever any of them was replaced."""
         key = self._components_now()
         cached = getattr(self, "_fn_cache", None)
@@ -219,9 +265,9 @@ class ConsistencyPipeline(DiffusionPipeline):
         return self._fn_cache[1]
 
     def _build_consistency_function(self) -> ConsistencyFunction:
-        """CM eq. 5's ``f`` from the components: the adapter around ``unet``, the boundary condition and guidance."""
+        """CM eq. 5's ``f`` from the components: the adapter around the network, the boundary condition and guidance."""
         ad, cc = self.consistency_config.config.adapter, dict(self.consistency_config.config.consistency)
-        den = build_denoiser(self.unet, ad["scheduler"], ad["kind"], strict_range=False)
+        den = build_denoiser(self.network, ad["scheduler"], ad["kind"], strict_range=False)
         fn = ConsistencyFunction(den, boundary=cc.get("boundary", DEFAULT_BOUNDARY), sigma_min=cc.get("sigma_min"),
                                  sigma_data=cc.get("sigma_data", 0.5), boundary_scale=cc.get("boundary_scale", 10.0),
                                  parametrization=cc.get("parametrization", DEFAULT_PARAMETRIZATION))
@@ -279,7 +325,7 @@ class ConsistencyPipeline(DiffusionPipeline):
     def conditioning(self, class_labels, batch_size: int, device) -> dict:
         """``{"class_labels": tensor}`` for a class-conditional student, ``{}`` for an unconditional one; a
         ``ValueError`` (one line) when the labels do not fit the student."""
-        n = class_rows(self.unet)
+        n = class_rows(self.network)
         if n is None:
             if class_labels is not None:
                 raise ValueError("this student is unconditional: call it without class_labels")
@@ -318,8 +364,8 @@ class ConsistencyPipeline(DiffusionPipeline):
         """diffusers' property walks every module for offloading hooks on each call (about 1-3 ms on CPU for these
         U-Nets: 5 % of a small 1-step batch); the walk only matters when weights may be offloaded, i.e. when they
         sit on the CPU or the meta device while an accelerator exists, so only then is it taken."""
-        p = next(self.unet.parameters(), None)
-        if p is not None and not hasattr(self.unet, "_hf_hook"):
+        p = next(self.network.parameters(), None)
+        if p is not None and not hasattr(self.network, "_hf_hook"):
             if p.device.type not in ("cpu", "meta"):
                 return p.device
             has_acc = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
@@ -339,7 +385,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         number of steps. ``latents``: the unit-Gaussian starting noise ``z`` (``[B, C, H, W]``); default drawn
         from ``generator`` (a generator or one per image, as in diffusers). ``output_type``: ``"pil"`` (list of
         PIL images), ``"np"`` (NHWC float in [0, 1]), ``"pt"`` (NCHW float in [0, 1]) or ``"latent"`` (the raw
-        NCHW sample in model space, nominally [-1, 1], unclamped). ``clip_denoised``: clamp each intermediate
+        NCHW sample in the network's space: pixels nominally in [-1, 1], or a latent student's latents, undecoded). ``clip_denoised``: clamp each intermediate
         sample to [-1, 1] before it is noised again, as CM's code and diffusers' ``CMStochasticIterativeScheduler``
         do; off by default, since it made the digits student's 2-4-step FIDs worse
         (:func:`~cmdistill.core.sampling.sample_consistency`). ``class_labels``: for a class-conditional student,
@@ -358,7 +404,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         sigmas = self.check_sigmas(sigmas if sigmas is not None else self.sigmas_for(num_inference_steps))
         device = self._execution_device
         if latents is None:
-            latents = randn_tensor((batch_size, *image_shape(self.unet)), generator=generator, device=device,
+            latents = randn_tensor((batch_size, *image_shape(self.network)), generator=generator, device=device,
                                    dtype=torch.float32)
 
         def noise(shape, dtype, dev):
@@ -371,7 +417,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         if output_type == "latent":
             out: Any = x
         else:
-            images = (x / 2 + 0.5).clamp(0, 1)
+            images = (self.decode(x) / 2 + 0.5).clamp(0, 1)
             out = images if output_type == "pt" else images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
                 out = self.numpy_to_pil(out)
@@ -380,7 +426,7 @@ class ConsistencyPipeline(DiffusionPipeline):
 
 
 def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_sigmas: Optional[dict] = None,
-                 card: Optional[dict] = None) -> Path:
+                 card: Optional[dict] = None, vae=None) -> Path:
     """Save a trained consistency function as a ``ConsistencyPipeline`` folder with a model card (``README.md``,
     :func:`write_model_card`; ``card`` holds what the card says about the teacher and the run), atomically: written
     into a temporary sibling folder, then moved into place. Default multistep sigmas for 2-4 steps are stored unless
@@ -392,7 +438,7 @@ def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_s
         multistep_sigmas = {k: default_multistep_sigmas(fn.sigma_min, fn.sigma_max, k) for k in (2, 3, 4)}
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = ConsistencyPipeline.from_student(fn, multistep_sigmas)
+    pipe = ConsistencyPipeline.from_student(fn, multistep_sigmas, vae)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     write_model_card(tmp, pipe, **(card or {}))
     make_readable(tmp)
@@ -409,9 +455,9 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
     recipe, how to load it (``import cmdistill`` registers the class with diffusers) and the evaluation table
     (``evaluation``: markdown, or a note that the run was not evaluated)."""
     fn = pipe.consistency_function
-    c, h, w = image_shape(pipe.unet)
+    c, h, w = pipe.image_shape
     stored = pipe.multistep_sigmas
-    conditional = class_rows(pipe.unet) is not None
+    conditional = class_rows(pipe.network) is not None
     tag = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
     call = "batch_size=16, num_inference_steps=1" + (", class_labels=3" if conditional else "")
     if fn.guidance_range is not None:
