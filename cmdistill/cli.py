@@ -243,6 +243,7 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
     device = _device(device)
     sig = _parse_sigmas(sigmas)
     if teacher is not None:
+        from .latents import load_teacher_vae
         from .teachers import load_teacher
 
         if sig is not None:
@@ -250,7 +251,7 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
         steps = steps or 50
         den = load_teacher(teacher).to(device)
         x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing, class_label=class_label,
-                             guidance_scale=guidance_scale)
+                             guidance_scale=guidance_scale, vae=load_teacher_vae(teacher, device))
         tag = f"teacher-{sampler}{steps}-seed{seed}" + label_tag(class_label, guidance_scale)
         meta = {"teacher": teacher, "sampler": sampler, "spacing": spacing, "class_label": class_label,
                 "guidance_scale": guidance_scale}

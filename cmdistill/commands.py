@@ -55,7 +55,7 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     card = {"teacher": recipe.teacher.path, "recipe": str(Path(recipe.train.output_dir) / "recipe.yaml"),
             "steps": recipe.train.max_steps}
     student_dir = train(recipe, Distillation,
-                        lambda task, out: save_student(task.ema.ema_model, out / "student", card=card),
+                        lambda task, out: save_student(task.ema.ema_model, out / "student", card=card, vae=task.vae),
                         resume=resume, overwrite=overwrite)
     state = PartialState()
     if not state.is_main_process:

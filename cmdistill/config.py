@@ -39,7 +39,8 @@ class DataConfig:
     root: str = "~/.cache/cmdistill/data"  # download cache (cifar10), image folder, Fashion-MNIST's IDX folder
     hflip: bool = True
     num_workers: int = 2
-    resolution: Optional[int] = None       # None: the teacher's sample_size
+    resolution: Optional[int] = None       # None: the teacher's sample_size (a latent teacher's: its VAE's)
+    latent_cache: str = "~/.cache/cmdistill/latents"  # latent teachers: the verified cache of encoded images
 
 
 @dataclass
@@ -111,6 +112,7 @@ class LossConfig:
     lpips_resize: Optional[int] = 224      # upsample smaller images to this size (CM); null: never
     lpips_pretrained: bool = True          # ImageNet backbone weights (torchvision download); false: random
     huber_c: Optional[float] = None        # None: 0.00054 * sqrt(dim) (iCT)
+    decode: bool = False                   # latent teachers: the distance on decoded pixels (VAE decoder per step)
     weighting: str = "uniform"             # uniform | inv_delta
     regression_weight: float = 0.0         # > 0: + weight * d(f(x_start, sigma_max), x0) on trajectory-bank entries
     regression_schedule: str = "constant"  # constant | linear_decay (weight -> 0 at train.max_steps)
@@ -237,10 +239,9 @@ class AutoencoderConfig:
 @dataclass
 class LatentConfig:
     """A latent teacher's autoencoder: the data are encoded once by ``vae`` (a diffusers ``AutoencoderKL`` folder, or a
-    pipeline folder with a ``vae/``) into the verified latent cache (:mod:`cmdistill.latents`)."""
+    pipeline folder with a ``vae/``) into the verified latent cache in ``data.latent_cache`` (:mod:`cmdistill.latents`)."""
 
-    vae: Optional[str] = None              # None: a pixel-space teacher
-    cache_dir: str = "~/.cache/cmdistill/latents"
+    vae: Optional[str] = None              # None: a pixel-space teacher (the cache: data.latent_cache)
 
 
 @dataclass

@@ -55,6 +55,14 @@ def load_vae(path: str | Path, device="cpu"):
     return vae
 
 
+def load_teacher_vae(teacher_path: str, device="cpu"):
+    """The autoencoder of a latent teacher (its ``vae/`` or ``vqvae/``), ``None`` for a pixel teacher."""
+    from .teachers import teacher_autoencoder
+
+    folder = teacher_autoencoder(teacher_path)
+    return None if folder is None else load_vae(folder, device)
+
+
 def vae_fingerprint(folder: Path) -> dict:
     """SHA-256 of the autoencoder's config and of each weight file."""
     files = sorted([folder / "config.json", *folder.glob("*.safetensors")])

@@ -52,7 +52,7 @@ BASE = {"core", "files", "images", "machine"}
 INPUTS = BASE | {"data", "teachers", "latents", "config"}
 MAY_IMPORT = {
     "core": set(), "files": set(), "images": {"core"}, "machine": set(),
-    "data": BASE, "teachers": BASE, "latents": BASE | {"data"}, "config": BASE | {"data", "teachers"},
+    "data": BASE, "teachers": BASE, "latents": BASE | {"data", "teachers"}, "config": BASE | {"data", "teachers"},
     "training": INPUTS, "export": BASE, "evaluation": INPUTS | {"export"},
     "commands": INPUTS | {"training", "export", "evaluation"},
     "cli": INPUTS | {"training", "export", "evaluation", "commands"},

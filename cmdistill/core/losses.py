@@ -81,6 +81,19 @@ def make_distance(name: str, **kw) -> Callable[[torch.Tensor, torch.Tensor], tor
     return DISTANCES[name](**kw)
 
 
+class DecodedDistance(nn.Module):
+    """``d(decode(a), decode(b))``: a pixel distance (LPIPS) for a latent student, through the frozen autoencoder's
+    decoder (its gradients reach the student; its weights do not train). Costs a decoder forward and backward on both
+    arguments every step."""
+
+    def __init__(self, distance: Callable, vae: nn.Module, decode: Callable):
+        super().__init__()
+        self.distance, self.vae, self._decode = distance, vae, decode
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.distance(self._decode(self.vae, a), self._decode(self.vae, b))
+
+
 def uniform_weight(sigma_hi: torch.Tensor, sigma_lo: torch.Tensor) -> torch.Tensor:
     """``lambda = 1`` (CM's CD)."""
     return torch.ones_like(sigma_hi)

@@ -66,19 +66,6 @@ def compute_dtype(net: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def num_class_embeds(net) -> int | None:
-    """The class embeddings of a class-conditional diffusers U-Net (``num_class_embeds``), ``None`` when it has none."""
-    n = getattr(getattr(net, "config", None), "num_class_embeds", None)
-    return int(n) if n else None
-
-
-def image_shape(net) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a diffusers U-Net (its ``sample_size`` is an int or an ``(H, W)`` pair)."""
-    cfg = net.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    return int(cfg.in_channels), int(size), int(size)
-
-
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small CPU tensor (sigmas, flip masks) to ``device`` without a host sync: a pageable copy to a GPU
     waits for the stream, a pinned one with ``non_blocking=True`` does not."""

@@ -18,7 +18,7 @@ from ..core.consistency import make_student
 from ..core.sampling import default_multistep_sigmas
 from ..export.pipeline import ConsistencyPipeline
 from .features import FIDMeter
-from .generate import initial_noise, run_batches, student_fn
+from .generate import initial_noise, latent_decoder, run_batches, student_fn
 
 EMA_PREFIX = "ema_model."  # keys of the evaluation EMA's network inside a checkpoint's ema.safetensors
 
@@ -125,7 +125,7 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
             z, _ = initial_noise(num, run.shape, seed)
             x, _ = run_batches(student_fn(pipe, sig[k], guidance_scale=run.guidance_scale), z,
                                torch.Generator().manual_seed(seed + 1), batch_size, device, f"{ckpt.name} {k}-step",
-                               False, run.labels(num))
+                               False, run.labels(num), latent_decoder(run.vae))
             row[str(k)] = meter.score(x)
         curve["checkpoints"].append(row)
         echo(f"{ckpt.name}: " + "; ".join(f"{k}-step FID {row[str(k)]['fid']:.3f} precision "

@@ -30,11 +30,11 @@ from ..export.pipeline import config_file
 from ..machine import machine_fingerprint
 from .baselines import make_baselines, student_start, teacher_start
 from .baselines import teacher_sampler as start_sampler
-from .features import FIDMeter, accuracy, find_digits_classifier, load_classifier, real_vs_real
-from .generate import initial_noise, load_student, run_batches, student_fn, teacher_fn
+from .features import CLASSIFIERS, FIDMeter, accuracy, find_classifier, load_classifier, real_vs_real
+from .generate import initial_noise, latent_decoder, load_student, run_batches, student_fn, teacher_fn
 from .report import headline, headline_table, report_table, side_by_side, write_report
 
-FLOOR_MAX_IMAGES = 20_000   # real-vs-real FID floor only for small data sets (digits: 1797)
+FLOOR_MAX_IMAGES = 20_000   # real-vs-real FID floor: among the first 20k real images (digits: all 1797)
 REAL_MAX_IMAGES = 50_000    # FID reference statistics: the first 50k training images (CIFAR-10: all)
 SEARCH_SEED_OFFSET = 1000   # the sigma search draws its noise from seed + 1000: disjoint from evaluation_seeds
 MAX_SEEDS = 100
@@ -162,6 +162,7 @@ class EvalRun:
     classes: int | None = None            # class-conditional: the data's classes, sampled in turn
     guidance_scale: float | None = None   # class-conditional: the classifier-free guidance scale w evaluated
     guided: nn.Module | None = None       # the teacher the training-free samplers run: CFG at w (else: teacher)
+    vae: nn.Module | None = None          # a latent teacher's autoencoder: every sample is decoded to pixels
 
     def labels(self, num: int) -> torch.Tensor | None:
         """The class of each of ``num`` samples: ``0, 1, …, classes - 1, 0, 1, …`` (balanced); ``None`` when
@@ -188,6 +189,7 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     evaluated at ``guidance_scale`` (default: the student's own, else the recipe's ``guidance.scale``)."""
     from ..config import read_recipe
     from ..data import make_dataset, num_labels
+    from ..latents import load_teacher_vae
     from ..teachers import load_teacher
     from .recipe_rules import EVALUATION_RULES
 
@@ -200,11 +202,13 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     pipe = load_student(run_dir, device) if need_student or has_student else None
     teacher = load_teacher(teacher_path, recipe.teacher.kind).to(device)
     shape = image_shape(teacher.net)
-    if pipe is not None and image_shape(pipe.unet) != shape:
-        raise EvalError(f"student images {image_shape(pipe.unet)} do not match the teacher's {shape}")
-    ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or shape[1], shape[0])
+    if pipe is not None and image_shape(pipe.network) != shape:
+        raise EvalError(f"the student's network works at {image_shape(pipe.network)}, the teacher's at {shape}")
+    vae = load_teacher_vae(str(teacher_path), device)
+    channels, side = (shape[0], shape[1]) if vae is None else (vae.config.in_channels, vae.config.sample_size)
+    ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or side, channels)
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
-    run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher)
+    run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher, vae=vae)
     if class_rows(teacher.net) is not None:
         condition_run(run, num_labels(ds), guidance_scale)
     elif guidance_scale is not None:
@@ -227,7 +231,7 @@ def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> N
     classifier-free guidance at ``w`` (one-line errors for a student that cannot sample it)."""
     from ..core.guidance import guided_teacher
 
-    if run.pipe is not None and class_rows(run.pipe.unet) is None:
+    if run.pipe is not None and class_rows(run.pipe.network) is None:
         raise EvalError("the teacher is class-conditional but the student is not; evaluate it with its own teacher "
                         "(--teacher)")
     fn = run.pipe.consistency_function if run.pipe is not None else None
@@ -252,11 +256,10 @@ def feature_facts(feature_net, run: EvalRun, seed: int, search: list, num: int |
     (``num`` real images against the rest where the data allow, as the samplers score ``num`` samples:
     :func:`~cmdistill.evaluation.features.floor_sizes`)."""
     facts = {"feature_net": feature_net if isinstance(feature_net, str) else type(feature_net).__name__}
-    if feature_net == "digits":
-        folder = find_digits_classifier(search)
+    if isinstance(feature_net, str) and feature_net in CLASSIFIERS:
+        folder = find_classifier(feature_net, search)
         facts["feature_net_test_accuracy"] = load_classifier(folder)[1].get("test_accuracy") if folder else None
-    rr = real_vs_real(feature_net, run.real, seed, run.device, search, num) if len(run.real) <= FLOOR_MAX_IMAGES \
-        else None
+    rr = real_vs_real(feature_net, run.real[:FLOOR_MAX_IMAGES], seed, run.device, search, num)
     facts["real_vs_real"] = rr
     facts["fid_floor_real_vs_real"] = rr["fid"] if rr else None
     return facts
@@ -273,7 +276,7 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
     def score(sig):
         z, g = initial_noise(num, run.shape, z_seed)
         return fid(run_batches(student_fn(run.pipe, sig, guidance_scale=run.guidance_scale), z, g, batch_size,
-                               run.device, "search", False, run.labels(num))[0])
+                               run.device, "search", False, run.labels(num), latent_decoder(run.vae))[0])
 
     res = search_multistep_sigmas(score, fn.sigma_max, candidate_taus(fn.sigma_min, fn.sigma_max, candidates),
                                   max_steps, echo)
@@ -350,7 +353,7 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
         for i, seed in enumerate(seeds):
             z, _ = initial_noise(num, run.shape, seed)
             x, ips = run_batches(s.fn, z, torch.Generator().manual_seed(seed + 1), batch_size, run.device,
-                                 s.name, progress, labels)
+                                 s.name, progress, labels, latent_decoder(run.vae))
             scores.append(fid.score(x))
             if labels is not None and classifier is not None:
                 scores[-1]["class_accuracy"] = accuracy(classifier, x, labels)
@@ -456,11 +459,13 @@ def start_facts(run: EvalRun) -> dict:
 
 
 def class_classifier(run: EvalRun, search: list) -> nn.Module | None:
-    """The classifier that judges a conditional run's classes: the shipped digits classifier for digits data,
-    ``None`` (no class accuracy) for other data, for which cmdistill ships none."""
-    if run.recipe.data.name != "digits":
+    """The classifier that judges a conditional run's classes: the shipped one of its data set (digits,
+    Fashion-MNIST: :data:`~cmdistill.evaluation.features.CLASSIFIERS`), ``None`` (no class accuracy) for other data,
+    for which cmdistill ships none."""
+    name = reference_data(run.recipe)
+    if name not in CLASSIFIERS:
         return None
-    folder = find_digits_classifier(search)
+    folder = find_classifier(name, search)
     return load_classifier(folder)[0] if folder is not None else None
 
 

@@ -1,8 +1,9 @@
 """Feature networks for FID and the FID meter built on torchmetrics' ``FrechetInceptionDistance``.
 
 Registry keyed by ``eval.feature_net``: ``inception`` (Inception-v3 pool features through torch-fidelity, the
-standard FID; a one-time weight download) and ``digits`` (the penultimate layer of a small CNN trained here on
-scikit-learn's 8x8 digits: offline, seconds on CPU). Any ``nn.Module`` mapping images in [0, 1] to
+standard FID; a one-time weight download), ``digits`` (the penultimate layer of a small CNN trained here on
+scikit-learn's 8x8 digits: offline, seconds on CPU) and ``fashion_mnist`` (the same CNN on Fashion-MNIST padded to
+32x32: offline, minutes on CPU). The classifiers (:data:`CLASSIFIERS`) also judge the class of conditional samples. Any ``nn.Module`` mapping images in [0, 1] to
 ``[B, num_features]`` can be passed instead (torchmetrics' custom-feature API).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -33,18 +35,18 @@ class FeatureNetError(RuntimeError):
 
 
 class DigitsClassifier(nn.Module):
-    """Small CNN for 1x8x8 digits in [-1, 1]: two 3x3 conv stages with max-pooling, a ``num_features``-wide
-    penultimate layer (the FID features) and a 10-way linear head."""
+    """Small CNN for 1 x side x side images in [-1, 1] (8x8 digits, 32x32 Fashion-MNIST): two 3x3 conv stages with
+    max-pooling, a ``num_features``-wide penultimate layer (the FID features) and a 10-way linear head."""
 
-    def __init__(self, width: int = 32, num_features: int = 64, dropout: float = 0.25):
+    def __init__(self, width: int = 32, num_features: int = 64, dropout: float = 0.25, side: int = 8):
         super().__init__()
-        self.config = {"width": width, "num_features": num_features, "dropout": dropout}
+        self.config = {"width": width, "num_features": num_features, "dropout": dropout, "side": side}
         self.num_features = num_features
         self.body = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * width * 4, num_features), nn.ReLU(),
+            nn.Flatten(), nn.Linear(2 * width * (side // 4) ** 2, num_features), nn.ReLU(),
         )
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(num_features, 10)
@@ -88,27 +90,77 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Ten
 
 
 @torch.no_grad()
-def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """The share of images ``x`` that ``clf`` assigns to their label ``y`` (in batches)."""
     clf.eval()
-    return float((clf(x).argmax(1) == y).float().mean())
+    dev = next(clf.parameters()).device
+    hits = sum(int((clf(xb.to(dev)).argmax(1).cpu() == yb.cpu()).sum())
+               for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return hits / len(x)
 
 
-def train_digits_classifier(epochs: int = 30, seed: int = 0, lr: float = 2e-3, batch_size: int = 64,
-                            progress: bool = True) -> tuple[DigitsClassifier, dict]:
-    """Train :class:`DigitsClassifier` on the fixed train split (Adam, cosine decay, +-1 px shifts); return it and
-    ``{"train_accuracy", "test_accuracy", ...}``. About ten seconds on two CPU cores."""
+def digits_train_test(root: str = "") -> tuple[torch.Tensor, ...]:
+    """The 1797 digits split by :func:`digits_split`: ``x_train, y_train, x_test, y_test``."""
     from ..data import digits_dataset, digits_labels
 
     x_all, y_all = digits_dataset("").tensors[0], digits_labels()
     tr, te = digits_split()
-    x_tr, y_tr, x_te, y_te = x_all[tr], y_all[tr], x_all[te], y_all[te]
+    return x_all[tr], y_all[tr], x_all[te], y_all[te]
+
+
+def fashion_train_test(root: str) -> tuple[torch.Tensor, ...]:
+    """Fashion-MNIST's own 60,000 / 10,000 split at 32x32 (as the latent teacher sees it)."""
+    from ..data import fashion_mnist_dataset
+
+    tr, te = (fashion_mnist_dataset(root, 32, 1, split) for split in ("train", "test"))
+    return tr.tensors[0], tr.tensors[1], te.tensors[0], te.tensors[1]
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A data set's classifier: its input side, train/test data, where it is shipped, cached and pointed to
+    (an environment variable), and how long it trains."""
+
+    side: int
+    train_test: Callable[[str], tuple]
+    shipped: Path
+    cache: Path
+    env: str
+    epochs: int
+    width: int = 32
+    num_features: int = 64
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CLASSIFIERS: dict[str, ClassifierSpec] = {
+    "digits": ClassifierSpec(8, digits_train_test, SHIPPED_CLASSIFIER, CACHED_CLASSIFIER,
+                             "CMDISTILL_DIGITS_CLASSIFIER", 30),
+    "fashion_mnist": ClassifierSpec(32, fashion_train_test, ASSETS / "fashion_classifier",
+                                    Path(os.path.expanduser("~/.cache/cmdistill/fashion-classifier")),
+                                    "CMDISTILL_FASHION_CLASSIFIER", 6, num_features=128),
+}
+
+
+def train_digits_classifier(epochs: int = 30, seed: int = 0, lr: float = 2e-3, batch_size: int = 64,
+                            progress: bool = True) -> tuple[DigitsClassifier, dict]:
+    """:func:`train_classifier` on the digits. About ten seconds on two CPU cores."""
+    return train_classifier("digits", epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, progress=progress)
+
+
+def train_classifier(name: str, root: str = "", epochs: int | None = None, seed: int = 0, lr: float = 2e-3,
+                     batch_size: int = 64, progress: bool = True) -> tuple[DigitsClassifier, dict]:
+    """Train the :class:`DigitsClassifier` of data set ``name`` (:data:`CLASSIFIERS`) on its train split (Adam,
+    cosine decay, +-1 px shifts); return it and ``{"train_accuracy", "test_accuracy", ...}``."""
+    spec = CLASSIFIERS[name]
+    epochs = epochs or spec.epochs
+    x_tr, y_tr, x_te, y_te = spec.train_test(root)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    clf = DigitsClassifier()
+    clf = DigitsClassifier(spec.width, spec.num_features, side=spec.side)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     steps = epochs * ((len(x_tr) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in tqdm(range(epochs), desc="train digits classifier", disable=not progress, leave=False):
+    for _ in tqdm(range(epochs), desc=f"train {name} classifier", disable=not progress, leave=False):
         clf.train()
         perm = torch.randperm(len(x_tr), generator=g)
         for i in range(0, len(x_tr), batch_size):
@@ -119,9 +171,10 @@ def train_digits_classifier(epochs: int = 30, seed: int = 0, lr: float = 2e-3, b
             opt.step()
             sched.step()
     clf.eval()
+    split = "RandomState(0) permutation, 25% test" if name == "digits" else "the data set's own train / test files"
     metrics = {"train_accuracy": accuracy(clf, x_tr, y_tr), "test_accuracy": accuracy(clf, x_te, y_te),
-               "num_train": len(tr), "num_test": len(te), "split": "RandomState(0) permutation, 25% test",
-               "epochs": epochs, "seed": seed}
+               "num_train": len(x_tr), "num_test": len(x_te), "split": split, "epochs": epochs, "seed": seed,
+               "data": name}
     return clf, metrics
 
 
@@ -132,7 +185,8 @@ def save_classifier(clf: DigitsClassifier, folder: str | Path, metrics: dict | N
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / CLASSIFIER_WEIGHTS))
-    cfg = {"_class_name": "DigitsClassifier", **clf.config, "input": "1x8x8 in [-1, 1]", **(metrics or {})}
+    side = clf.config["side"]
+    cfg = {"_class_name": "DigitsClassifier", **clf.config, "input": f"1x{side}x{side} in [-1, 1]", **(metrics or {})}
     (folder / CLASSIFIER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 
@@ -146,20 +200,28 @@ def load_classifier(folder: str | Path) -> tuple[DigitsClassifier, dict]:
         cfg = json.loads((folder / CLASSIFIER_CONFIG).read_text())
         state = load_file(str(folder / CLASSIFIER_WEIGHTS))
     except (OSError, json.JSONDecodeError) as e:
-        raise FeatureNetError(f"cannot read the digits classifier in {folder}: {e}") from e
-    clf = DigitsClassifier(cfg["width"], cfg["num_features"], cfg["dropout"])
+        raise FeatureNetError(f"cannot read the classifier in {folder}: {e}") from e
+    clf = DigitsClassifier(cfg["width"], cfg["num_features"], cfg["dropout"], cfg.get("side", 8))
     clf.load_state_dict(state)
     return clf.eval(), cfg
 
 
 def find_digits_classifier(search: Iterable[str | Path] = ()) -> Path | None:
-    """First folder holding a classifier among ``search`` (e.g. ``<teacher>/classifier``),
-    ``$CMDISTILL_DIGITS_CLASSIFIER``, the one shipped in the package (``cmdistill/assets/digits_classifier``) and
-    the cache."""
-    env = os.environ.get("CMDISTILL_DIGITS_CLASSIFIER")
-    for folder in [*search, *([env] if env else []), SHIPPED_CLASSIFIER, CACHED_CLASSIFIER]:
+    """:func:`find_classifier` of the digits."""
+    return find_classifier("digits", search)
+
+
+def find_classifier(name: str, search: Iterable[str | Path] = ()) -> Path | None:
+    """First folder holding data set ``name``'s classifier among ``search`` (e.g. ``<teacher>/classifier``), its
+    environment variable (``$CMDISTILL_DIGITS_CLASSIFIER``, ``$CMDISTILL_FASHION_CLASSIFIER``), the one shipped in
+    the package (``cmdistill/assets/``) and the cache."""
+    spec = CLASSIFIERS[name]
+    env = os.environ.get(spec.env)
+    for folder in [*search, *([env] if env else []), spec.shipped, spec.cache]:
         if folder and (Path(folder) / CLASSIFIER_WEIGHTS).is_file():
-            return Path(folder)
+            cfg = json.loads((Path(folder) / CLASSIFIER_CONFIG).read_text())
+            if cfg.get("side", 8) == spec.side:
+                return Path(folder)
     return None
 
 
@@ -191,7 +253,17 @@ def inception_fid() -> "FrechetInceptionDistance":  # noqa: F821
                               "offline? Run once with network access, or use eval.feature_net=digits") from e
 
 
-FEATURE_NETS: dict[str, Callable[..., nn.Module]] = {"digits": digits_features}
+def fashion_features(search: Iterable[str | Path] = ()) -> nn.Module:
+    """The shipped Fashion-MNIST classifier's features (``cmdistill train-classifier --data fashion_mnist`` makes
+    one)."""
+    folder = find_classifier("fashion_mnist", search)
+    if folder is None:
+        raise FeatureNetError("no Fashion-MNIST classifier found; make one with `cmdistill train-classifier --data "
+                              "fashion_mnist` and point CMDISTILL_FASHION_CLASSIFIER to it")
+    return ClassifierFeatures(load_classifier(folder)[0])
+
+
+FEATURE_NETS: dict[str, Callable[..., nn.Module]] = {"digits": digits_features, "fashion_mnist": fashion_features}
 BUILTIN_FIDS: dict[str, Callable[[], nn.Module]] = {"inception": inception_fid}
 
 

@@ -66,13 +66,17 @@ def initial_noise(num: int, shape: Sequence[int], seed: int) -> tuple[torch.Tens
 
 
 def run_batches(fn: Callable[..., torch.Tensor], noise: torch.Tensor, generator: torch.Generator, batch_size: int,
-                device, desc: str, progress: bool = True,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                device, desc: str, progress: bool = True, labels: torch.Tensor | None = None,
+                decode: Callable | None = None) -> tuple[torch.Tensor, float]:
     """Apply ``fn(z_batch, generator)`` batch by batch (``fn(z_batch, generator, class_labels=labels_batch)`` when
-    ``labels`` are given, one per image); return the images (CPU, clamped to [-1, 1]) and the throughput in images
-    per second (wall clock, device synchronised, after one untimed warm-up image drawn with its own generator so
+    ``labels`` are given, one per image), each output through ``decode`` (a latent model's autoencoder: images are
+    always pixels); return the images (CPU, clamped to [-1, 1]) and the throughput in images per second (wall clock,
+    decoding included, device synchronised, after one untimed warm-up image drawn with its own generator so
     ``generator``'s stream is untouched)."""
     device = torch.device(device)
+    if decode is not None:
+        inner = fn
+        fn = lambda z, g, **c: decode(inner(z, g, **c))  # noqa: E731
 
     def cond(i: int, n: int) -> dict:
         return {} if labels is None else {"class_labels": labels[i:i + n].to(device)}
@@ -121,17 +125,18 @@ def sample_student(pipe, num: int, steps: int = 1, sigmas: Sequence[float] | Non
     """``num`` student samples in [-1, 1] and the sigmas used (stored ones for ``steps`` unless given); a
     class-conditional student samples ``class_label`` (at ``guidance_scale`` when it takes one)."""
     sigmas = pipe.check_sigmas(sigmas if sigmas is not None else pipe.sigmas_for(steps))
-    noise, g = initial_noise(num, image_shape(pipe.unet), seed)
+    noise, g = initial_noise(num, image_shape(pipe.network), seed)
     x, _ = run_batches(student_fn(pipe, sigmas, class_label, guidance_scale), noise, g, batch_size, pipe.device,
-                       f"student {len(sigmas)}-step", progress)
+                       f"student {len(sigmas)}-step", progress, decode=pipe.decode)
     return x, sigmas
 
 
 def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                    batch_size: int = 256, spacing: str | None = DEFAULT_TEACHER_SPACING, progress: bool = True,
-                   class_label: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+                   class_label: int | None = None, guidance_scale: float | None = None, vae=None) -> torch.Tensor:
     """``num`` teacher samples in [-1, 1] from the same noise convention as :func:`sample_student`; a
-    class-conditional teacher samples ``class_label`` with classifier-free guidance at ``guidance_scale``."""
+    class-conditional teacher samples ``class_label`` with classifier-free guidance at ``guidance_scale``; a latent
+    teacher's samples are decoded by its ``vae``."""
     from ..core.guidance import guided_teacher
 
     noise, g = initial_noise(num, image_shape(teacher.net), seed)
@@ -152,8 +157,15 @@ def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, se
             raise SampleError(str(e)) from None
         labels = torch.full((num,), int(class_label))
     x, _ = run_batches(teacher_fn(teacher, sampler, steps, spacing), noise, g, batch_size, device,
-                       f"teacher {sampler}-{steps}", progress, labels)
+                       f"teacher {sampler}-{steps}", progress, labels, latent_decoder(vae))
     return x
+
+
+def latent_decoder(vae) -> Callable | None:
+    """``x -> images`` through a latent teacher's autoencoder; ``None`` (nothing to decode) without one."""
+    from ..core.autoencoders import decode_latents
+
+    return None if vae is None else (lambda x: decode_latents(vae, x))
 
 
 def write_samples(x: torch.Tensor, out: str | Path, meta: dict) -> Path:

@@ -17,17 +17,19 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError, Recipe
+from ..core.autoencoders import decode_latents
 from ..core.cd_step import cd_loss
 from ..core.consistency import make_student, make_target, update_target
 from ..core.guidance import attach_guidance, guided_teacher
-from ..core.losses import get_weighting, make_distance
+from ..core.losses import DecodedDistance, get_weighting, make_distance
 from ..core.networks import class_rows, image_shape, null_class
 from ..core.sampling import sample_consistency
 from ..core.schedules import SUBSTEP_SCHEDULES, PairSchedule
 from ..core.tensors import DTYPES, to_device
 from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip
 from ..images import save_grid
-from ..teachers import load_teacher
+from ..latents import load_teacher_vae
+from ..teachers import load_teacher, teacher_autoencoder
 from .bank import bank_dataset
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
@@ -56,10 +58,14 @@ def build_models(recipe: Recipe, device):
     return teacher, student, target, ema
 
 
-def build_data(recipe: Recipe, teacher) -> Dataset:
-    """The training images, checked against the teacher's channels and resolution."""
+def build_data(recipe: Recipe, teacher, vae=None, acc=None) -> Dataset:
+    """The training images, checked against the teacher's channels and resolution; for a latent teacher (``vae``:
+    its autoencoder) their latents, encoded once into the verified cache in ``data.latent_cache``
+    (:func:`cmdistill.latents.latent_dataset`; ``acc``: the accelerator whose main process writes it)."""
     channels, resolution, _ = image_shape(teacher.net)
     dc = recipe.data
+    if vae is not None:
+        return latent_data(recipe, teacher, vae, acc)
     if dc.resolution is not None and dc.resolution != resolution:
         raise DataError(f"data.resolution is {dc.resolution} but the teacher {recipe.teacher.path!r} works at "
                         f"{resolution}x{resolution}; set data.resolution to {resolution} or null")
@@ -68,10 +74,36 @@ def build_data(recipe: Recipe, teacher) -> Dataset:
     return ds
 
 
-def build_loss(lc, device):
-    """The distance ``d`` and weighting ``lambda`` of CM Algorithm 2, line 7, keyed by ``loss.*``."""
+def latent_data(recipe: Recipe, teacher, vae, acc) -> Dataset:
+    """A latent teacher's training data: the recipe's images at its autoencoder's resolution, encoded once."""
+    from ..latents import latent_dataset
+
+    dc = recipe.data
+    if dc.hflip:
+        raise ConfigError("'data.hflip' would mirror latents, not images: set it false for a latent teacher")
+    pixels = make_dataset(dc.name, dc.root, dc.resolution or vae.config.sample_size, vae.config.in_channels)
+    main, wait, echo = (True, lambda: None, print) if acc is None else (acc.is_main_process, acc.wait_for_everyone,
+                                                                        acc.print)
+    ds, folder = latent_dataset(pixels, teacher_autoencoder(recipe.teacher.path), dc.latent_cache,
+                                next(vae.parameters()).device, main, wait, echo)
+    channels, side, _ = image_shape(teacher.net)
+    check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
+    return ds
+
+
+def build_loss(lc, device, vae=None):
+    """The distance ``d`` and weighting ``lambda`` of CM Algorithm 2, line 7, keyed by ``loss.*``. A latent student's
+    distance is taken on latents (l2, l1, pseudo-Huber), or with ``loss.decode`` on the pixels its autoencoder
+    decodes (any distance; LPIPS needs it)."""
+    if vae is None and lc.decode:
+        raise ConfigError("'loss.decode' applies to latent teachers (with an autoencoder); this teacher works in pixels")
+    if vae is not None and lc.distance == "lpips" and not lc.decode:
+        raise ConfigError("LPIPS compares images, not latents: for a latent teacher use loss.distance l2 or "
+                          "pseudo_huber, or set loss.decode: true (LPIPS on decoded pixels, a decoder pass per step)")
     distance = make_distance(lc.distance, lpips_net=lc.lpips_net, lpips_resize=lc.lpips_resize, huber_c=lc.huber_c,
                              lpips_pretrained_backbone=lc.lpips_pretrained)
+    if vae is not None and lc.decode:
+        distance = DecodedDistance(distance, vae, decode_latents)
     if isinstance(distance, torch.nn.Module):
         distance.to(device)
     return distance, get_weighting(lc.weighting)
@@ -127,6 +159,7 @@ class Distillation:
         self.recipe, self.acc = recipe, accelerator
         device, tc = accelerator.device, recipe.train
         self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
+        self.vae = load_teacher_vae(recipe.teacher.path, device)  # a latent teacher's: encodes data, decodes grids
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
         self.pair_teacher = guidance_of(recipe, self.teacher)  # the teacher the ODE pairs come from
@@ -134,13 +167,13 @@ class Distillation:
         classes = null_class(self.teacher.net) if class_rows(self.teacher.net) is not None else None
         self.bank = self.load_bank(None, classes) if recipe.data.name == "teacher" else None
         self.dataset = dataset if dataset is not None else (
-            bank_dataset(self.bank) if self.bank is not None else build_data(recipe, self.teacher))
+            bank_dataset(self.bank) if self.bank is not None else build_data(recipe, self.teacher, self.vae, accelerator))
         mean = prior_mean(recipe.student.prior, self.dataset, recipe.data.hflip)  # where 1-step sampling starts
         for fn in (self.student, self.target, self.ema.ema_model):
             fn.prior_mean = None if mean is None else mean.to(device)
         if self.bank is None and recipe.bank.count:
             self.bank = self.load_bank(mean, None if classes is None else num_labels(self.dataset))
-        self.distance, self.weighting = build_loss(recipe.loss, device)
+        self.distance, self.weighting = build_loss(recipe.loss, device, self.vae)
         self.pairs = build_pairs(recipe, self.teacher, self.student)
         opt = make_optimizer(self.student.parameters(), recipe.optim)
         self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
@@ -299,4 +332,5 @@ class Distillation:
                 x = sample_consistency(fn, self.sample_noise, [fn.sigma_max], **self.sample_cond)
             finally:
                 fn.train(was_training)
+            x = x if self.vae is None else decode_latents(self.vae, x)
         save_grid(x, path)

@@ -85,18 +85,21 @@ def ddpm_loss(unet, sched, x0: torch.Tensor, **cond) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0, classes: int | None = None) -> torch.Tensor:
+def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0, classes: int | None = None,
+                        vae=None) -> torch.Tensor:
     """``n`` deterministic DDIM samples of ``unet`` through the package's own teacher adapter and sampler; a
-    class-conditional ``unet`` draws class ``i % classes`` for image ``i``."""
+    class-conditional ``unet`` draws class ``i % classes`` for image ``i``; a latent teacher's samples are decoded by
+    its ``vae``."""
+    from ..core.autoencoders import decode_latents
     from ..core.denoisers import build_denoiser
     from ..core.sampling import sample_ode, teacher_sigmas
-    from ..core.networks import image_shape
-
 
     den = build_denoiser(unet, dict(sched.config), "ddpm")
+    device = next(unet.parameters()).device
     noise = torch.randn(n, *image_shape(unet), generator=torch.Generator().manual_seed(seed))
-    cond = {"class_labels": (torch.arange(n) % classes).to(unet.device)} if classes else {}
-    return sample_ode(den, noise.to(unet.device), teacher_sigmas(den, steps, spacing=None), "ddim", **cond)
+    cond = {"class_labels": (torch.arange(n) % classes).to(device)} if classes else {}
+    x = sample_ode(den, noise.to(device), teacher_sigmas(den, steps, spacing=None), "ddim", **cond)
+    return x if vae is None else decode_latents(vae, x)
 
 
 class TeacherTraining:
@@ -148,10 +151,12 @@ class TeacherTraining:
             return ds
         if r.model != "dit":
             raise ConfigError("a latent teacher (latent.vae) is trained as 'model: dit' (exported as a DiTPipeline)")
+        if dc.hflip:
+            raise ConfigError("'data.hflip' would mirror latents, not images: set it false for a latent teacher")
         self.vae = load_vae(r.latent.vae, self.acc.device)
         pixels = make_dataset(dc.name, dc.root, dc.resolution or self.vae.config.sample_size,
                               self.vae.config.in_channels)
-        ds, folder = latent_dataset(pixels, r.latent.vae, r.latent.cache_dir, self.acc.device,
+        ds, folder = latent_dataset(pixels, r.latent.vae, dc.latent_cache, self.acc.device,
                                     self.acc.is_main_process, self.acc.wait_for_everyone, self.acc.print)
         check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
         return ds
