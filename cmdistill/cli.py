@@ -359,29 +359,38 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
 
 
 @main.command("train-classifier")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/digits-classifier", show_default=True,
-              help="Folder for model.safetensors + config.json (use it with CMDISTILL_DIGITS_CLASSIFIER=FOLDER).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Training epochs.")
+@click.option("--data", "data_name", type=click.Choice(["digits", "fashion_mnist"]), default="digits",
+              show_default=True, help="The data set whose classifier to train (8x8 digits, or Fashion-MNIST at 32x32).")
+@click.option("--data-root", default="/usr/share/datasets/fashion-mnist", show_default=True, metavar="DIR",
+              help="Folder of Fashion-MNIST's IDX files (apt-get install dataset-fashion-mnist); unused for digits.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, show_default=True,
+              help="Folder for model.safetensors + config.json (default: runs/<data>-classifier; use it with "
+                   "CMDISTILL_DIGITS_CLASSIFIER or CMDISTILL_FASHION_CLASSIFIER=FOLDER).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, show_default=True,
+              help="Training epochs (default: 30 for digits, 6 for Fashion-MNIST).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the training run.")
 @friendly_errors
-def train_classifier(out, epochs, seed):
-    """Train the digits CNN whose penultimate features give FID on 8x8 digits (eval.feature_net=digits).
+def train_classifier(data_name, data_root, out, epochs, seed):
+    """Train the small CNN whose penultimate features give FID (eval.feature_net=digits or fashion_mnist) and whose
+    predictions give the class accuracy of conditional samples.
 
-    The package ships one (cmdistill/assets/digits_classifier); a retrained one changes every digits FID, so it is
-    written elsewhere and only used where CMDISTILL_DIGITS_CLASSIFIER points to it.
+    The package ships one per data set (cmdistill/assets/); a retrained one changes every FID in its feature space,
+    so it is written elsewhere and only used where its environment variable points to it.
     """
     from pathlib import Path
 
-    from .data import digits_dataset
-    from .evaluation.features import ClassifierFeatures, real_vs_real_fid, save_classifier, train_digits_classifier
+    from .evaluation.features import CLASSIFIERS, ClassifierFeatures, real_vs_real_fid, save_classifier, \
+        train_classifier as train
     from .training.loop import RunError
 
+    out = out or f"runs/{data_name.replace('_', '-')}-classifier"
     if Path(out).exists() and any(Path(out).iterdir()):
         raise RunError(f"{out} already exists and is not empty; choose another --out")
-    clf, metrics = train_digits_classifier(epochs=epochs, seed=seed)
-    metrics["fid_floor_real_vs_real"] = real_vs_real_fid(ClassifierFeatures(clf), digits_dataset("").tensors[0])
+    clf, metrics = train(data_name, data_root, epochs=epochs, seed=seed)
+    x_train = CLASSIFIERS[data_name].train_test(data_root)[0]
+    metrics["fid_floor_real_vs_real"] = real_vs_real_fid(ClassifierFeatures(clf), x_train[:20_000])
     save_classifier(clf, out, metrics)
-    click.echo(f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['num_test']} held-out digits), "
+    click.echo(f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['num_test']} held-out images), "
                f"train {metrics['train_accuracy']:.4f}; real-vs-real FID floor "
                f"{metrics['fid_floor_real_vs_real']:.3f}; saved to {out}")
 

@@ -86,3 +86,60 @@ def test_latent_cache_is_verified_and_reused(latent_teacher):
     data.write_bytes(data.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(LatentCacheError, match="damaged"):
         latent_dataset(ds, latent_teacher / "vae", latent_teacher / "cache")
+
+
+@pytest.fixture(scope="module")
+def latent_run(latent_teacher):
+    """A 2-step guided distillation of the tiny latent DiT (recipes/fashion-dit.yaml, tiny sizes)."""
+    from conftest import _threads
+
+    out = latent_teacher / "distill"
+    args = ["distill", str(ROOT / "recipes" / "fashion-dit.yaml"), "-o", str(out)]
+    for s in [f"teacher.path={latent_teacher / 'teacher'}", f"data.root={latent_teacher / 'data'}", "data.resolution=8",
+              f"data.latent_cache={latent_teacher / 'cache2'}", "train.max_steps=2", "train.batch_size=4",
+              "train.checkpoint_every=2", "train.sample_every=2", "train.num_sample_images=4", "student.sigma_max=5",
+              "eval.at_end=false"]:
+        args += ["--set", s]
+    with _threads(1):
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_latent_student_carries_the_vae_and_decodes(latent_run, latent_teacher, tmp_path):
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from cmdistill import ConsistencyPipeline
+
+    student = latent_run / "student"
+    index = json.loads((student / "model_index.json").read_text())
+    assert index["transformer"][1] == "DiTTransformer2DModel" and index["vae"][1] == "AutoencoderKL"
+    assert index["unet"] == [None, None] and (student / "vae" / "config.json").is_file()
+    pipe = ConsistencyPipeline.from_pretrained(student)
+    assert isinstance(pipe.transformer, DiTTransformer2DModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert pipe.image_shape == (1, 8, 8)
+    def kw():
+        return dict(batch_size=2, class_labels=[1, 7], guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+
+    lat = pipe(output_type="latent", **kw()).images
+    img = pipe(output_type="pt", **kw()).images
+    assert lat.shape == (2, 4, 4, 4) and img.shape == (2, 1, 8, 8)
+    from cmdistill.core.autoencoders import decode_latents
+
+    torch.testing.assert_close(img, (decode_latents(pipe.vae, lat) / 2 + 0.5).clamp(0, 1))
+    pipe.save_pretrained(tmp_path / "again")
+    again = ConsistencyPipeline.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(again(output_type="pt", **kw()).images, img)
+    grids = sorted((latent_run / "samples").glob("*.png"))
+    from PIL import Image
+
+    assert grids and Image.open(grids[-1]).size[0] > 8  # decoded 8x8 images, framed
+
+
+def test_latent_student_refuses_lpips_on_latents(latent_teacher, tmp_path):
+    res = CliRunner().invoke(main, ["distill", str(ROOT / "recipes" / "fashion-dit.yaml"), "-o", str(tmp_path / "r"),
+                                    "--set", f"teacher.path={latent_teacher / 'teacher'}", "--set",
+                                    f"data.root={latent_teacher / 'data'}", "--set", "data.resolution=8", "--set",
+                                    "loss.distance=lpips", "--set", f"data.latent_cache={tmp_path / 'c'}"])
+    assert res.exit_code == 2 and "loss.decode" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -160,6 +160,7 @@ class Distillation:
         device, tc = accelerator.device, recipe.train
         self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
         self.vae = load_teacher_vae(recipe.teacher.path, device)  # a latent teacher's: encodes data, decodes grids
+        self.distance, self.weighting = build_loss(recipe.loss, device, self.vae)  # refused before any data is read
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
         self.pair_teacher = guidance_of(recipe, self.teacher)  # the teacher the ODE pairs come from
@@ -173,7 +174,6 @@ class Distillation:
             fn.prior_mean = None if mean is None else mean.to(device)
         if self.bank is None and recipe.bank.count:
             self.bank = self.load_bank(mean, None if classes is None else num_labels(self.dataset))
-        self.distance, self.weighting = build_loss(recipe.loss, device, self.vae)
         self.pairs = build_pairs(recipe, self.teacher, self.student)
         opt = make_optimizer(self.student.parameters(), recipe.optim)
         self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
