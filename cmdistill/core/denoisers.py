@@ -219,7 +219,71 @@ class EDMDenoiser(Denoiser):
         return {"kind": self.kind, "scheduler": dict(self.scheduler_config)}
 
 
-ADAPTERS: dict[str, type[Denoiser]] = {"ddpm": DDPMDenoiser, "edm": EDMDenoiser}
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of flow-matching schedulers (Esser et al. 2024, SD3, eq. 23): ``s t / (1 + (s - 1) t)``."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowMatchDenoiser(Denoiser):
+    """Rectified-flow teacher (Liu et al. 2022, "Flow straight and fast"; Esser et al. 2024, SD3; diffusers'
+    ``FlowMatchEulerDiscreteScheduler``) in EDM space.
+
+    The forward process is ``x_t = (1 - t) x0 + t z`` and the network predicts the velocity ``v = z - x0`` at timestep
+    ``1000 t``. Dividing by ``1 - t`` gives EDM's ``x = x0 + sigma z`` with ``sigma = t / (1 - t)``, so the network
+    sees ``x_t = x / (1 + sigma)`` and ``D = x_t - t v``. ``t = 1`` (pure noise) is ``sigma = inf``: the trained
+    range is the scheduler's training timesteps below it, shifted by ``shift``. Euler steps in EDM space are the
+    flow's Euler steps (both are exact for a constant ``D``), so the DDIM solver reproduces diffusers' FlowMatchEuler
+    loop from the same start."""
+
+    kind = "flow"
+    scheduler_classes = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
+
+    def __init__(self, net: nn.Module, scheduler_config: dict[str, Any], strict_range: bool = True):
+        super().__init__(net, strict_range)
+        cfg = dict(scheduler_config)
+        if cfg.get("invert_sigmas"):
+            raise UnsupportedTeacher("FlowMatchEulerDiscreteScheduler with invert_sigmas (Mochi) runs time backwards; "
+                                     "cmdistill reads x_t = (1 - t) x0 + t z")
+        self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
+        self.shift = 1.0 if cfg.get("use_dynamic_shifting") else float(cfg.get("shift", 1.0))
+        n = self.num_train_timesteps
+        t_lo, t_hi = (float(flow_shift(torch.tensor(v, dtype=torch.float64), self.shift)) for v in (1 / n, (n - 1) / n))
+        self.sigma_min, self.sigma_max = t_lo / (1 - t_lo), t_hi / (1 - t_hi)
+        self.t_max = t_hi
+        self.scheduler_config = {k: cfg[k] for k in ("num_train_timesteps", "shift", "use_dynamic_shifting",
+                                                     "_class_name") if k in cfg}
+
+    def prior_std(self, sigma: float) -> float:
+        """A flow sampler starts from unit noise ``x_t = z``, i.e. ``(1 + sigma) z`` in EDM space."""
+        return 1.0 + float(sigma)
+
+    def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (1.0 + sigma)
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.num_train_timesteps * sigma / (1.0 + sigma)
+
+    def native_sigmas(self, steps: int) -> torch.Tensor:
+        """diffusers' FlowMatchEuler timesteps for ``steps`` steps (linear in the shifted t, shifted again, as its
+        ``set_timesteps`` does) as EDM sigmas, the first (``t = 1``, infinite) at the top of the trained range."""
+        n = self.num_train_timesteps
+        top = float(flow_shift(torch.tensor(1.0, dtype=torch.float64), self.shift))
+        low = float(flow_shift(torch.tensor(1.0 / n, dtype=torch.float64), self.shift))
+        t = flow_shift(torch.linspace(top, low, steps, dtype=torch.float64), self.shift).clamp(max=self.t_max)
+        return t / (1 - t)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        x = promote(x)
+        sigma = as_sigma(sigma, x)
+        v = self.net_output(x, sigma, **cond)
+        s = append_dims(sigma, x.ndim)
+        return x / (1 + s) - s / (1 + s) * v
+
+    def adapter_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "scheduler": dict(self.scheduler_config)}
+
+
+ADAPTERS: dict[str, type[Denoiser]] = {"ddpm": DDPMDenoiser, "edm": EDMDenoiser, "flow": FlowMatchDenoiser}
 
 
 def unsupported_reason(scheduler_config: dict[str, Any], net: nn.Module | None = None) -> str | None:

@@ -36,7 +36,7 @@ class GuidedDenoiser(nn.Module):
         self.net = denoiser.net  # shared, not copied: what image_shape and the samplers read
         self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
         self.sigma_data = getattr(denoiser, "sigma_data", 0.5)
-        for name in ("kind", "prediction_type", "scheduler_config", "sigma_table"):
+        for name in ("kind", "prediction_type", "scheduler_config", "sigma_table", "native_sigmas"):
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
 

@@ -34,9 +34,13 @@ def teacher_sigmas(denoiser, steps: int, spacing: str | None = DEFAULT_TEACHER_S
     """Descending sigmas ending in 0 for a ``steps``-step teacher sampler.
 
     DDPM teachers: the timesteps diffusers' DDIMScheduler would use with this ``timestep_spacing`` (``None``: the
-    teacher scheduler's own), so the DDIM sampler reproduces diffusers' loop; EDM teachers: the Karras grid
-    (Karras et al. 2022, eq. 5, rho = 7) over the trained range.
+    teacher scheduler's own), so the DDIM sampler reproduces diffusers' loop; flow-matching teachers: their
+    scheduler's (``native_sigmas``); EDM teachers: the Karras grid (Karras et al. 2022, eq. 5, rho = 7) over the
+    trained range.
     """
+    native = getattr(denoiser, "native_sigmas", None)  # an adapter with its own scheduler's grid (flow matching)
+    if native is not None:
+        return append_zero(native(steps).float())
     table = getattr(denoiser, "sigma_table", None)
     if table is None:
         return append_zero(karras_grid(steps, denoiser.sigma_min, denoiser.sigma_max))
