@@ -21,7 +21,7 @@ from .config import ConfigError, dump_recipe
 SOLVER_CHOICES = ("heun", "euler", "ddim")            # cmdistill.core.solvers.SOLVERS
 SPACING_CHOICES = ("trailing", "leading", "linspace")  # cmdistill.core.schedules.TIMESTEP_SPACINGS
 DEFAULT_TEACHER_SPACING = "trailing"                   # cmdistill.core.schedules.DEFAULT_TEACHER_SPACING
-FEATURE_NET_CHOICES = ("inception", "digits")          # cmdistill.evaluation.features.feature_net_names()
+FEATURE_NET_CHOICES = ("inception", "digits", "fashion_mnist")  # cmdistill.evaluation.features.feature_net_names()
 
 
 class RegistryChoice(click.Choice):

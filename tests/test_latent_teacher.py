@@ -143,3 +143,24 @@ def test_latent_student_refuses_lpips_on_latents(latent_teacher, tmp_path):
                                     "loss.distance=lpips", "--set", f"data.latent_cache={tmp_path / 'c'}"])
     assert res.exit_code == 2 and "loss.decode" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_scores_decoded_pixels_with_a_reconstruction_floor(latent_run, tmp_path):
+    """`cmdistill evaluate` on a latent run: every sampler's samples are decoded to pixels before the features (here
+    the digits classifier's, which takes these tiny runs' 8x8 images), and the VAE-reconstruction floor is a row."""
+    import shutil
+
+    from conftest import _threads
+
+    run = Path(shutil.copytree(latent_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints", "logs")))
+    with _threads(1):
+        res = CliRunner().invoke(main, ["evaluate", str(run), "--num", "16", "--batch-size", "16", "--feature-net",
+                                        "digits", "--max-steps", "2", "--teacher-steps", "4", "--no-lpips"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((run / "report.json").read_text())
+    vr, rr = report["vae_reconstruction"], report["real_vs_real"]
+    assert (vr["num_a"], vr["num_b"]) == (rr["num_a"], rr["num_b"]) and vr["fid"] > 0 and vr["fid"] != rr["fid"]
+    assert "VAE reconstructions vs real" in (run / "report.md").read_text()
+    assert {"student-1", "student-2", "teacher-ddim-4"} <= set(report["samplers"])
+    side = json.loads(json.dumps(report["samplers"]["student-1"]))
+    assert side["fid"] > 0 and (run / "side_by_side.png").is_file()

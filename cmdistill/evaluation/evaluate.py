@@ -262,6 +262,13 @@ def feature_facts(feature_net, run: EvalRun, seed: int, search: list, num: int |
     rr = real_vs_real(feature_net, run.real[:FLOOR_MAX_IMAGES], seed, run.device, search, num)
     facts["real_vs_real"] = rr
     facts["fid_floor_real_vs_real"] = rr["fid"] if rr else None
+    if run.vae is not None:  # every sample passes the decoder: the reconstructions of real images bound them
+        from ..core.autoencoders import decode_latents, encode_latents
+
+        with torch.no_grad():
+            facts["vae_reconstruction"] = real_vs_real(feature_net, run.real[:FLOOR_MAX_IMAGES], seed, run.device,
+                                                       search, num,
+                                                       lambda x: decode_latents(run.vae, encode_latents(run.vae, x)))
     return facts
 
 
@@ -461,9 +468,9 @@ def start_facts(run: EvalRun) -> dict:
 def class_classifier(run: EvalRun, search: list) -> nn.Module | None:
     """The classifier that judges a conditional run's classes: the shipped one of its data set (digits,
     Fashion-MNIST: :data:`~cmdistill.evaluation.features.CLASSIFIERS`), ``None`` (no class accuracy) for other data,
-    for which cmdistill ships none."""
+    for which cmdistill ships none, and for images of another size than the classifier's."""
     name = reference_data(run.recipe)
-    if name not in CLASSIFIERS:
+    if name not in CLASSIFIERS or CLASSIFIERS[name].side != run.real.shape[-1]:
         return None
     folder = find_classifier(name, search)
     return load_classifier(folder)[0] if folder is not None else None

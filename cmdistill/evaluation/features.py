@@ -355,14 +355,20 @@ def floor_sizes(num_samples: int | None, num_real: int) -> tuple[int, int]:
 
 
 def real_vs_real(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",
-                 search: Iterable[str | Path] = (), num_samples: int | None = None) -> dict:
+                 search: Iterable[str | Path] = (), num_samples: int | None = None,
+                 transform: Callable | None = None) -> dict:
     """The floor of every metric: FID, precision and recall of ``num_a`` random real images against ``num_b``
     others (:func:`floor_sizes`: the samplers' ``num_samples`` against the rest where the data allow, else two
-    halves; drawn without replacement, disjoint), through :class:`FIDMeter` as the samplers are scored."""
+    halves; drawn without replacement, disjoint), through :class:`FIDMeter` as the samplers are scored. With
+    ``transform`` (a latent teacher's encode-decode round trip) the scored images go through it first: the floor of
+    any sampler that has to pass the decoder."""
     a, b = floor_sizes(num_samples, len(images))
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     meter = FIDMeter(feature_net, device, search=search).add_real(images[perm[:b]])
-    return {**meter.score(images[perm[b:b + a]]), "num_a": a, "num_b": b}
+    scored = images[perm[b:b + a]]
+    if transform is not None:
+        scored = torch.cat([transform(x.to(device)).float().clamp(-1, 1).cpu() for x in scored.split(250)])
+    return {**meter.score(scored), "num_a": a, "num_b": b}
 
 
 def real_vs_real_fid(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",

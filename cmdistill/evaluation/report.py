@@ -23,8 +23,8 @@ def _pm(s: dict, key: str, spec: str) -> str:
 
 
 def report_table(report: dict) -> str:
-    """Markdown table: one row per sampler, then the real-vs-real floor; a class-accuracy column for a conditional
-    run."""
+    """Markdown table: one row per sampler, then the floors: a latent teacher's VAE reconstructions of real images
+    (every sample passes that decoder) and real vs real; a class-accuracy column for a conditional run."""
     acc = any("class_accuracy" in s for s in report["samplers"].values())
     lines = ["| sampler | NFE | FID | precision | recall |" + (" class accuracy |" if acc else "")
              + " MSE vs ref | PSNR vs ref | LPIPS vs ref | img/s |",
@@ -36,7 +36,10 @@ def report_table(report: dict) -> str:
                      + f"{_fmt(d['mse'], '.5f')} | "
                      f"{_fmt(d['psnr'] if d['psnr'] is not None else math.inf, '.2f')} | {_fmt(d['lpips'], '.4f')} | "
                      f"{_fmt(s['images_per_s'], '.1f')} |")
-    rr = report.get("real_vs_real")
+    rr, vr = report.get("real_vs_real"), report.get("vae_reconstruction")
+    if vr:
+        lines.append(f"| VAE reconstructions vs real ({floor_label(vr)}) | – | {_fmt(vr['fid'])} | "
+                     f"{_fmt(vr['precision'])} | {_fmt(vr['recall'])} | " + ("– | " if acc else "") + "– | – | – | – |")
     if rr:
         lines.append(f"| real vs real ({floor_label(rr)}) | – | {_fmt(rr['fid'])} | {_fmt(rr['precision'])} | "
                      f"{_fmt(rr['recall'])} | " + ("– | " if acc else "") + "– | – | – | – |")
