@@ -93,7 +93,8 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Ten
 def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """The share of images ``x`` that ``clf`` assigns to their label ``y`` (in batches)."""
     clf.eval()
-    dev = next(clf.parameters()).device
+    p = next(clf.parameters(), None)
+    dev = x.device if p is None else p.device
     hits = sum(int((clf(xb.to(dev)).argmax(1).cpu() == yb.cpu()).sum())
                for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return hits / len(x)
