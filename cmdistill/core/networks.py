@@ -136,8 +136,8 @@ def family_of(net) -> Family:
 def call_network(net, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """The network's prediction for ``x`` at timestep ``t``: its family's call, the tensor out of diffusers' output,
     and of a learned-variance output the first ``C`` channels (the mean's parametrisation; the variance is unused by
-    deterministic samplers)."""
-    out = family_of(net).call(net, x, t, cond)
+    deterministic samplers). A DistributedDataParallel wrapper is called as the model it wraps is."""
+    out = family_of(getattr(net, "module", net)).call(net, x, t, cond)
     out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
     c = x.shape[1]
     return out[:, :c] if out.shape[1] == 2 * c else out
