@@ -164,3 +164,33 @@ def test_autoencoder_kl_latents_use_scaling_and_shift():
         z = encode_latents(vae, x)
         torch.testing.assert_close(z, (vae.encode(x).latent_dist.mean - 0.25) * 0.7)
         torch.testing.assert_close(decode_latents(vae, z), vae.decode(z / 0.7 + 0.25).sample)
+
+
+def test_latent_unet_teacher_ddim_equals_diffusers_ldm_pipeline(tmp_path):
+    """An LDMPipeline-layout teacher (unet/ + vqvae/ + scheduler/) loaded by cmdistill: DDIM-k through the adapter,
+    decoded by the VQModel's decoder, equals diffusers' LDMPipeline from the same initial latents."""
+    from diffusers import LDMPipeline, VQModel
+
+    from cmdistill.latents import load_teacher_vae
+    from cmdistill.teachers import load_teacher
+    from conftest import tiny_unet
+
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                 latent_channels=3, norm_num_groups=4, num_vq_embeddings=16, vq_embed_dim=3, sample_size=16,
+                 scaling_factor=0.8).eval()
+    unet = tiny_unet(sample_size=8, channels=3, seed=2).eval()
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+                          timestep_spacing="trailing")
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=sched).save_pretrained(tmp_path / "ldm")
+    pipe = LDMPipeline.from_pretrained(tmp_path / "ldm")
+    ref = pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    den, vae = load_teacher(str(tmp_path / "ldm")), load_teacher_vae(str(tmp_path / "ldm"))
+    assert type(vae).__name__ == "VQModel" and den.kind == "ddpm"
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lat = sample_ode(den, z, teacher_sigmas(den, 5, spacing=None), "ddim")
+        ours = (decode_latents(vae, lat) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert ref.shape == ours.shape == (2, 16, 16, 1)
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
