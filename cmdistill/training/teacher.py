@@ -111,7 +111,7 @@ class TeacherTraining:
 
     def __init__(self, recipe: TeacherRecipe, accelerator, dataset: Dataset | None = None):
         self.recipe, self.acc = recipe, accelerator
-        dc, tc = recipe.data, recipe.train
+        tc = recipe.train
         unet = NETWORKS[recipe.model](recipe).to(accelerator.device)
         prepare_network(unet)
         channels, side, _ = image_shape(unet)
