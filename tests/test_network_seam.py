@@ -194,3 +194,18 @@ def test_latent_unet_teacher_ddim_equals_diffusers_ldm_pipeline(tmp_path):
         ours = (decode_latents(vae, lat) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert ref.shape == ours.shape == (2, 16, 16, 1)
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+
+
+def test_a_dit_student_in_train_mode_sees_its_labels():
+    """make_student prepares the copied network: diffusers' DiT would otherwise drop 10 % of the labels at random in
+    train mode, training the student on unconditional inputs against conditional targets."""
+    from cmdistill.core.consistency import make_student
+
+    den = build_denoiser(tiny_dit(learn_sigma=False), {"_class_name": "DDIMScheduler"})
+    student = make_student(den)
+    assert student.training
+    x, s, y = torch.randn(64, 4, 4, 4), torch.full((64,), 3.0), torch.arange(64) % 10
+    torch.manual_seed(0)
+    a = student(x, s, class_labels=y)
+    torch.manual_seed(1)
+    torch.testing.assert_close(student(x, s, class_labels=y), a)

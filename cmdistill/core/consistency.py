@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .networks import added_to_embedding
+from .networks import added_to_embedding, prepare_network
 from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
 from .tensors import append_dims, as_sigma, promote
@@ -122,6 +122,7 @@ def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_dat
     its training grid. ``parametrization`` names how the network's output becomes ``F`` (:mod:`.parametrizations`).
     """
     den = copy.deepcopy(teacher)
+    prepare_network(den.net)  # e.g. a DiT's own random label dropout off: the student sees the labels it is given
     den.net.float()  # fp32 master weights; nn.Module.float, which diffusers' ModelMixin.to does not wrap with a warning
     den.requires_grad_(True).train()
     return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale,

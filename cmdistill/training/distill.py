@@ -167,8 +167,8 @@ class Distillation:
         # data-free: the bank's x0 are the data (a conditional teacher's classes: all its labels below the null one)
         classes = null_class(self.teacher.net) if class_rows(self.teacher.net) is not None else None
         self.bank = self.load_bank(None, classes) if recipe.data.name == "teacher" else None
-        self.dataset = dataset if dataset is not None else (
-            bank_dataset(self.bank) if self.bank is not None else build_data(recipe, self.teacher, self.vae, accelerator))
+        self.dataset = dataset if dataset is not None else (bank_dataset(self.bank) if self.bank is not None else
+                                                            build_data(recipe, self.teacher, self.vae, accelerator))
         mean = prior_mean(recipe.student.prior, self.dataset, recipe.data.hflip)  # where 1-step sampling starts
         for fn in (self.student, self.target, self.ema.ema_model):
             fn.prior_mean = None if mean is None else mean.to(device)
