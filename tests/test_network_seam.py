@@ -8,8 +8,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from cmdistill.core.autoencoders import decode_latents, encode_latents
 from cmdistill.core.denoisers import UnsupportedTeacher, build_denoiser
 from cmdistill.core.guidance import GuidanceEmbedding, GuidedDenoiser, guided_teacher
-from cmdistill.core.networks import (UnsupportedNetwork, added_to_embedding, call_network, class_rows, embedding_width,
-                                     family_of, image_shape, null_class, prepare_network)
+from cmdistill.core.networks import (UnsupportedNetwork, added_to_embedding, call_network, class_rows, condition_keys,
+                                     embedding_width, family_of, image_shape, null_class, null_condition,
+                                     prepare_network)
 from cmdistill.core.sampling import sample_ode, teacher_sigmas
 
 
@@ -35,6 +36,7 @@ def test_dit_family_call_split_classes_and_null():
     net = tiny_dit()
     assert family_of(net).name == "dit" and image_shape(net) == (4, 4, 4)
     assert class_rows(net) == 11 and null_class(net) == 10  # 10 classes + diffusers' null row
+    assert condition_keys(net) == ("class_labels",) and int(null_condition(net)["class_labels"]) == 10
     x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([10.0, 500.0, 999.0]), torch.tensor([0, 3, 10])
     full = net(x, timestep=t, class_labels=y).sample
     assert full.shape[1] == 8

@@ -94,6 +94,18 @@ def _no_label_dropout(net) -> None:
         table.dropout_prob = 0.0
 
 
+def _class_condition_keys(net) -> tuple[str, ...]:
+    return ("class_labels",) if _family_rows(net) is not None else ()
+
+
+def _class_null_condition(net, null: int | None = None) -> dict:
+    return {"class_labels": torch.tensor(null_class(net, null))}
+
+
+def _family_rows(net):
+    return family_of(net).class_rows(net)
+
+
 @dataclass(frozen=True)
 class Family:
     """One diffusers model family as the seam knows it."""
@@ -105,6 +117,8 @@ class Family:
     sites: Callable  # net -> the modules whose output a guidance-scale embedding is added to
     refusal: Callable = lambda net: None  # net -> why this member of the family is not read (None: read)
     prepare: Callable = lambda net: None  # net -> None: make the network fit for the seam's training (in place)
+    condition_keys: Callable = _class_condition_keys  # net -> the condition keywords it takes beyond x and t
+    null_condition: Callable = _class_null_condition  # (net, null) -> the one-sample condition of "no condition"
 
 
 FAMILIES: dict[str, Family] = {
@@ -153,13 +167,14 @@ def class_rows(net) -> int | None:
 
 
 def condition_keys(net) -> tuple[str, ...]:
-    """The condition keyword arguments ``net`` takes beyond ``x`` and ``t``."""
-    return ("class_labels",) if class_rows(net) is not None else ()
+    """The condition keyword arguments ``net`` takes beyond ``x`` and ``t`` (its family's)."""
+    return family_of(net).condition_keys(net)
 
 
 def null_condition(net, null: int | None = None) -> dict:
-    """The condition that stands for "no condition" (the null class, :func:`null_class`) as one sample's dict."""
-    return {"class_labels": torch.tensor(null_class(net, null))}
+    """The condition that stands for "no condition" as one sample's dict (its family's: for class-conditional
+    networks the null class, :func:`null_class`, ``null`` overriding it)."""
+    return family_of(net).null_condition(net, null)
 
 
 def null_class(net: nn.Module, null: int | None = None) -> int:
