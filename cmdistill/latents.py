@@ -136,11 +136,11 @@ def write_cache(folder: Path, manifest: dict, latents: torch.Tensor, labels: tor
 
 
 def latent_dataset(ds: Dataset, vae_path: str | Path, cache_dir: str | Path, device="cpu", is_main: bool = True,
-                   wait=lambda: None, echo=print) -> tuple[TensorDataset, Path]:
+                   wait=lambda: None, echo=print, vae=None) -> tuple[TensorDataset, Path]:
     """``ds`` encoded by the autoencoder at ``vae_path``, through the cache in ``cache_dir``: read when present and
     verified, else encoded by the main process (``is_main``) while the others ``wait`` then read it. Returns the
-    latents with their labels and the cache folder."""
-    vae = load_vae(vae_path, device)
+    latents with their labels and the cache folder. ``vae``: that autoencoder already loaded (else it is loaded)."""
+    vae = load_vae(vae_path, device) if vae is None else vae
     manifest = cache_manifest(vae, find_vae_folder(vae_path), ds)
     folder = Path(cache_dir).expanduser() / cache_key(manifest)
     found = read_cache(folder, manifest) if is_main else None

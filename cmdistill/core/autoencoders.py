@@ -77,3 +77,9 @@ def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
     scale, shift = latent_affine(vae)
     p = next(vae.parameters())
     return autoencoder_family(vae).decode(vae, (z.float() / scale + shift).to(p.device, p.dtype)).float()
+
+
+def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    """Images through the autoencoder and back (encode then decode): what a latent model's best sample looks like."""
+    with torch.no_grad():
+        return decode_latents(vae, encode_latents(vae, x))

@@ -263,12 +263,10 @@ def feature_facts(feature_net, run: EvalRun, seed: int, search: list, num: int |
     facts["real_vs_real"] = rr
     facts["fid_floor_real_vs_real"] = rr["fid"] if rr else None
     if run.vae is not None:  # every sample passes the decoder: the reconstructions of real images bound them
-        from ..core.autoencoders import decode_latents, encode_latents
+        from ..core.autoencoders import reconstruct
 
-        with torch.no_grad():
-            facts["vae_reconstruction"] = real_vs_real(feature_net, run.real[:FLOOR_MAX_IMAGES], seed, run.device,
-                                                       search, num,
-                                                       lambda x: decode_latents(run.vae, encode_latents(run.vae, x)))
+        facts["vae_reconstruction"] = real_vs_real(feature_net, run.real[:FLOOR_MAX_IMAGES], seed, run.device, search,
+                                                   num, lambda x: reconstruct(run.vae, x))
     return facts
 
 

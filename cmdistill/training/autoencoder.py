@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import AutoencoderConfig, ConfigError, TeacherRecipe
-from ..core.autoencoders import decode_latents
+from ..core.autoencoders import reconstruct
 from ..data import check_fits, make_dataset, random_hflip
 from ..images import save_grid
 from .ema import make_eval_ema
@@ -57,13 +57,11 @@ def latent_scale(vae, ds: Dataset, n: int = 4096, batch_size: int = 512) -> floa
 @torch.no_grad()
 def reconstruction_psnr(vae, ds: Dataset, n: int = 2048, batch_size: int = 512) -> float:
     """Mean PSNR (dB, images in [-1, 1] so peak-to-peak 2) of the posterior-mean reconstructions of ``n`` images."""
-    from ..core.autoencoders import encode_latents
-
     x = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
     p = next(vae.parameters())
     psnr = []
     for b in x.split(batch_size):
-        rec = decode_latents(vae, encode_latents(vae, b.to(p.device))).clamp(-1, 1).cpu()
+        rec = reconstruct(vae, b.to(p.device)).clamp(-1, 1).cpu()
         mse = (rec - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
         psnr.append(10 * torch.log10(4.0 / mse))
     return float(torch.cat(psnr).mean())
@@ -116,13 +114,8 @@ class AutoencoderTraining:
 
     def save_samples(self, path: Path) -> None:
         """Originals (top half) above their EMA reconstructions (bottom half)."""
-        from ..core.autoencoders import encode_latents
-
-        vae = self.ema.ema_model
         x = self.preview.to(self.acc.device)
-        with torch.no_grad():
-            rec = decode_latents(vae, encode_latents(vae, x))
-        save_grid(torch.cat([x, rec.clamp(-1, 1)]), path)
+        save_grid(torch.cat([x, reconstruct(self.ema.ema_model, x).clamp(-1, 1)]), path)
 
 
 def export_autoencoder(task: AutoencoderTraining, out: Path) -> Path:

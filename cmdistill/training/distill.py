@@ -85,7 +85,7 @@ def latent_data(recipe: Recipe, teacher, vae, acc) -> Dataset:
     main, wait, echo = (True, lambda: None, print) if acc is None else (acc.is_main_process, acc.wait_for_everyone,
                                                                         acc.print)
     ds, folder = latent_dataset(pixels, teacher_autoencoder(recipe.teacher.path), dc.latent_cache,
-                                next(vae.parameters()).device, main, wait, echo)
+                                next(vae.parameters()).device, main, wait, echo, vae=vae)
     channels, side, _ = image_shape(teacher.net)
     check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
     return ds

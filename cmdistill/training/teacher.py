@@ -157,7 +157,7 @@ class TeacherTraining:
         pixels = make_dataset(dc.name, dc.root, dc.resolution or self.vae.config.sample_size,
                               self.vae.config.in_channels)
         ds, folder = latent_dataset(pixels, r.latent.vae, dc.latent_cache, self.acc.device,
-                                    self.acc.is_main_process, self.acc.wait_for_everyone, self.acc.print)
+                                    self.acc.is_main_process, self.acc.wait_for_everyone, self.acc.print, vae=self.vae)
         check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
         return ds
 
