@@ -164,3 +164,22 @@ def test_evaluate_scores_decoded_pixels_with_a_reconstruction_floor(latent_run, 
     assert {"student-1", "student-2", "teacher-ddim-4"} <= set(report["samplers"])
     side = json.loads(json.dumps(report["samplers"]["student-1"]))
     assert side["fid"] > 0 and (run / "side_by_side.png").is_file()
+
+
+def test_checkpoint_curve_of_a_latent_run_starts_from_the_latent_mean(latent_run, tmp_path):
+    """`evaluate --checkpoints` on a latent run: the 1-step start is the mean of the cached latents (the exported
+    student's, or recomputed from the cache when the run has no student/ yet), so both give the same scores."""
+    import shutil
+
+    from conftest import _threads
+
+    def curve(run):
+        with _threads(1):
+            res = CliRunner().invoke(main, ["evaluate", str(run), "--checkpoints", "all", "--num", "8",
+                                            "--batch-size", "8", "--feature-net", "digits"])
+        assert res.exit_code == 0, res.output
+        return json.loads((run / "curve.json").read_text())["checkpoints"]
+
+    with_student = curve(Path(shutil.copytree(latent_run, tmp_path / "a", ignore=shutil.ignore_patterns("logs"))))
+    bare = Path(shutil.copytree(latent_run, tmp_path / "b", ignore=shutil.ignore_patterns("logs", "student")))
+    assert [c["step"] for c in with_student] == [2] and with_student == curve(bare)

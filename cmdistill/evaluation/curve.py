@@ -58,6 +58,8 @@ def student_template(run):
     """A consistency function of the run's architecture, boundary and guidance, with the run's 1-step prior mean."""
     from ..core.guidance import attach_guidance
     from ..data import make_dataset, prior_mean
+    from ..latents import latent_dataset
+    from ..teachers import teacher_autoencoder
     from .evaluate import EvalError
 
     r = run.recipe
@@ -66,10 +68,16 @@ def student_template(run):
                       sc.parametrization)
     attach_guidance(fn, r.guidance.scale, r.guidance.w_range)
     fn.eval()
-    if r.data.name == "teacher":  # data-free: the mean of the bank's samples, as stored in the exported student
-        if run.pipe is None:
-            raise EvalError(f"{run.run_dir} is data-free and has no student/ to take its 1-step start from")
+    if run.pipe is not None:  # the exported student stores the mean the run trained with
         mean = run.pipe.consistency_function.prior_mean
+    elif r.data.name == "teacher":  # data-free: the mean of the bank's samples, stored only in the student
+        raise EvalError(f"{run.run_dir} is data-free and has no student/ to take its 1-step start from")
+    elif run.vae is not None:  # a latent run starts from the mean of its cached latents, not of the images
+        pixels = make_dataset(r.data.name, r.data.root, r.data.resolution or run.vae.config.sample_size,
+                              run.vae.config.in_channels)
+        ds, _ = latent_dataset(pixels, teacher_autoencoder(run.teacher_path), r.data.latent_cache, run.device,
+                               vae=run.vae)
+        mean = prior_mean(sc.prior, ds, False)
     else:
         ds = make_dataset(r.data.name, r.data.root, r.data.resolution or run.shape[1], run.shape[0])
         mean = prior_mean(sc.prior, ds, r.data.hflip)
