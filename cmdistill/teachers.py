@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .core.denoisers import Denoiser, UnsupportedTeacher, build_denoiser, infer_kind
+from .core.networks import condition_keys
 
 
 class TeacherLoadError(RuntimeError):
@@ -15,10 +16,13 @@ class TeacherLoadError(RuntimeError):
 
 NETWORK_SUBFOLDERS = ("unet", "transformer")  # where diffusers pipelines keep the denoising network
 AUTOENCODER_SUBFOLDERS = ("vae", "vqvae")     # and the autoencoder of a latent teacher (LDMPipeline: vqvae)
-# what a hub download fetches: the network, the scheduler and the autoencoder, never text encoders or safety checkers
+TEXT_SUBFOLDERS = ("text_encoder", "tokenizer")   # and the prompt encoder of a text-conditional teacher
+# what a hub download fetches: the network, the scheduler, the autoencoder and a text teacher's tokenizer and text
+# encoder (safetensors weights only), never safety checkers or feature extractors
 HUB_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors",
                 *(f"{d}/*.{e}" for d in (*NETWORK_SUBFOLDERS, *AUTOENCODER_SUBFOLDERS, "scheduler")
-                  for e in ("json", "safetensors"))]
+                  for e in ("json", "safetensors")),
+                "text_encoder/*.json", "text_encoder/model.safetensors", "tokenizer/*"]
 
 
 def _resolve_folder(path_or_id: str) -> Path:
@@ -95,6 +99,19 @@ def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True,
         raise TeacherLoadError(f"cannot load teacher weights from {model_dir}: {e}") from e
     net.eval().requires_grad_(False)
     try:
-        return build_denoiser(net, sched_cfg, kind, strict_range=strict_range)
+        den = build_denoiser(net, sched_cfg, kind, strict_range=strict_range)
     except (UnsupportedTeacher, ValueError) as e:
         raise TeacherLoadError(f"teacher {path_or_id!r}: {e}") from None
+    if "encoder_hidden_states" in condition_keys(net):  # guidance's null condition: the empty prompt, embedded once
+        den.empty_condition = text_encoder(folder).null()
+    return den
+
+
+def text_encoder(path_or_id: str | Path, device="cpu"):
+    """The :class:`~cmdistill.prompts.PromptEncoder` (tokenizer + text encoder) of a text-conditional teacher."""
+    from .prompts import PromptEncoder, PromptError
+
+    try:
+        return PromptEncoder.from_pretrained(_resolve_folder(str(path_or_id)), device)
+    except PromptError as e:
+        raise TeacherLoadError(f"teacher {str(path_or_id)!r}: {e}") from None

@@ -49,11 +49,11 @@ def _cmdistill_imports(path: Path) -> set[str]:
 # every layer of the package and the layers it may import from (docs/architecture.md): arrows point down only, and
 # training and export/evaluation are two columns that never import each other (commands.py composes them)
 BASE = {"core", "files", "images", "machine"}
-INPUTS = BASE | {"data", "teachers", "latents", "config"}
+INPUTS = BASE | {"prompts", "tokenizer", "data", "teachers", "latents", "config"}
 MAY_IMPORT = {
     "core": set(), "files": set(), "images": {"core"}, "machine": set(),
-    "data": BASE, "teachers": BASE, "latents": BASE | {"data", "teachers"}, "config": BASE | {"data", "teachers"},
-    "training": INPUTS, "export": BASE, "evaluation": INPUTS | {"export"},
+    "prompts": BASE, "tokenizer": BASE, "data": BASE, "teachers": BASE | {"prompts"}, "latents": BASE | {"data", "teachers"}, "config": BASE | {"data", "teachers"},
+    "training": INPUTS, "export": BASE | {"prompts"}, "evaluation": INPUTS | {"export"},
     "commands": INPUTS | {"training", "export", "evaluation"},
     "cli": INPUTS | {"training", "export", "evaluation", "commands"},
     "__main__": {"cli"}, "__init__": {"export", "core", "teachers", "commands"},

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .networks import added_to_embedding, prepare_network
+from .networks import guidance_entered, prepare_network
 from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
 from .tensors import append_dims, as_sigma, promote
 
 
-def cm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 1.0):
+def cm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 1.0, denoiser=None):
     """CM boundary scalings (Song et al. 2023, Appendix C):
     ``c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2)``, ``c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2)``,
     so ``c_skip(sigma_min) = 1`` and ``c_out(sigma_min) = 0`` exactly. ``scale`` is unused here."""
@@ -23,7 +24,7 @@ def cm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale:
     return c_skip, c_out
 
 
-def lcm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 10.0):
+def lcm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 10.0, denoiser=None):
     """LCM-style sharp boundary (Luo et al. 2023, with their timestep scaling written in sigma units):
     ``u = scale (sigma - sigma_min) / sigma_min``, ``c_skip = sd^2 / (u^2 + sd^2)``,
     ``c_out = u / sqrt(u^2 + sd^2)``. Exact at ``sigma_min`` and ``c_out -> 1`` quickly above it, so a student
@@ -34,7 +35,23 @@ def lcm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale
     return c_skip, c_out
 
 
-BOUNDARIES: dict[str, Callable] = {"cm": cm_scalings, "lcm": lcm_scalings}
+def lcm_scheduler_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 10.0,
+                           denoiser=None):
+    """diffusers' ``LCMScheduler`` boundary (``get_scalings_for_boundary_condition_discrete``), written in EDM space:
+    on a VP (DDPM) teacher's timestep ``t(sigma)``, ``u = scale t`` (its ``timestep_scaling``),
+    ``c_skip = sd^2 / (u^2 + sd^2)``, ``c_out = u / sqrt(u^2 + sd^2)``, and LCMScheduler skips the VP sample
+    ``x / sqrt(1 + sigma^2)``, so ``c_skip`` here carries that factor. A student of this boundary computes what
+    ``LCMScheduler.step`` computes from its network's output (Luo et al. 2023, eq. 9 with LCM's released constants);
+    exact (``f = x``) only at ``t = 0``, where LCMScheduler is too."""
+    if not hasattr(denoiser, "sigma_to_t"):
+        raise ValueError("the lcm_scheduler boundary is LCMScheduler's: it needs a DDPM (VP) teacher's timesteps")
+    u = scale * denoiser.sigma_to_t(sigma).to(sigma.dtype)
+    c_skip = sigma_data**2 / (u**2 + sigma_data**2) / (sigma**2 + 1).sqrt()
+    c_out = u / (u**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+BOUNDARIES: dict[str, Callable] = {"cm": cm_scalings, "lcm": lcm_scalings, "lcm_scheduler": lcm_scheduler_scalings}
 # the one default (recipe, ConsistencyFunction, make_student, a pipeline config without the key): with F = the
 # teacher's denoiser, lcm starts the student as that denoiser while cm starts it near 0.5 D at high sigma
 DEFAULT_BOUNDARY = "lcm"
@@ -73,7 +90,7 @@ class ConsistencyFunction(nn.Module):
         self.guidance_range: tuple[float, float] | None = None
 
     def scalings(self, sigma: torch.Tensor):
-        return BOUNDARIES[self.boundary](sigma, self.sigma_min, self.sigma_data, self.boundary_scale)
+        return BOUNDARIES[self.boundary](sigma, self.sigma_min, self.sigma_data, self.boundary_scale, self.denoiser)
 
     def forward(self, x: torch.Tensor, sigma, guidance_scale=None, **cond) -> torch.Tensor:
         x = promote(x)
@@ -83,8 +100,8 @@ class ConsistencyFunction(nn.Module):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, guidance_scale=None, **cond) -> torch.Tensor:
         """``F(x, sigma)`` under the student's parametrisation; for a student with a guidance embedding, at scale
-        ``guidance_scale`` (a float or one per sample; ``None``: its default ``self.guidance_scale``), added to the
-        network's time embedding."""
+        ``guidance_scale`` (a float or one per sample; ``None``: its default ``self.guidance_scale``), through the
+        network's native input or added to its embeddings (:func:`~cmdistill.core.networks.guidance_entered`)."""
         param = PARAMETRIZATIONS[self.parametrization]
         if self.guidance_embedding is None:
             if guidance_scale is not None:
@@ -92,12 +109,25 @@ class ConsistencyFunction(nn.Module):
             return param(self.denoiser, x, sigma, **cond)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         w = torch.as_tensor(w, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        with added_to_embedding(self.denoiser.net, self.guidance_embedding(w)):
-            return param(self.denoiser, x, sigma, **cond)
+        with guidance_entered(self.denoiser.net, self.guidance_embedding(w)) as extra:
+            return param(self.denoiser, x, sigma, **cond, **extra)
 
     def start(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
-        """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + sigma z`` (:func:`start_sample`)."""
-        return start_sample(z, sigma, self.prior_mean)
+        """The first input of CM Algorithm 1 from unit noise ``z``: ``prior_mean + start_std(sigma) z``
+        (:func:`start_sample`)."""
+        return start_sample(z, self.start_std(sigma), self.prior_mean)
+
+    def start_std(self, sigma: float) -> float:
+        """Std of the noise sampling starts from at ``sigma``: CM's ``sigma``; LCMScheduler's unit VP noise,
+        ``sqrt(1 + sigma^2)`` in EDM space, for the ``lcm_scheduler`` boundary."""
+        return self.denoiser.prior_std(sigma) if self.boundary == "lcm_scheduler" else float(sigma)
+
+    def renoise_std(self, tau: float) -> float:
+        """Std of the noise multistep sampling adds to reach ``tau`` (CM Algorithm 1: ``sqrt(tau^2 - sigma_min^2)``,
+        its ``f`` keeping ``sigma_min`` of noise; LCMScheduler's ``tau``, its ``f`` being a clean estimate)."""
+        if self.boundary == "lcm_scheduler":
+            return float(tau)
+        return math.sqrt(max(tau**2 - self.sigma_min**2, 0.0))
 
     def consistency_config(self) -> dict:
         cfg = {"boundary": self.boundary, "boundary_scale": self.boundary_scale, "sigma_min": self.sigma_min,

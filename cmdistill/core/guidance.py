@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .networks import class_rows, embedding_width, null_condition
+from .networks import embedding_width, guidance_input, is_conditional, null_condition, with_guidance_input
 from .tensors import append_dims, as_sigma, promote
 
 
@@ -120,6 +120,31 @@ class GuidanceEmbedding(nn.Module):
         return self.mlp(scale_features(w, self.num_features).to(p.device, p.dtype))
 
 
+def lcm_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' guidance-scale embedding of LCM (``LatentConsistencyModelPipeline.get_guidance_scale_embedding``):
+    ``[sin(1000 w f_i), cos(1000 w f_i)]``, ``f_i = 10000^(-i / (dim/2 - 1))``, zero-padded to an odd ``dim``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=w.device, dtype=torch.float32) / (half - 1))
+    args = 1000.0 * w.float().reshape(-1, 1) * freqs
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class NativeGuidanceEmbedding(nn.Module):
+    """The guidance scale through a network's own input (a U-Net's ``time_cond_proj_dim`` / ``timestep_cond``): no
+    weights of its own (they are the network's ``cond_proj``), only LCM's convention, which embeds ``w - 1``
+    (LCM writes guidance as ``eps_null + (1 + omega)(eps_c - eps_null)``, so its ``omega`` is Ho & Salimans' ``w - 1``;
+    diffusers' ``LatentConsistencyModelPipeline(guidance_scale=w)`` embeds ``w - 1``). cmdistill's ``w`` is Ho &
+    Salimans' everywhere, so a student sampled at ``w`` by either pipeline gives the same images."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = int(dim)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return lcm_scale_embedding(w - 1.0, self.dim)
+
+
 def guided_teacher(teacher: nn.Module, guidance_scale: float | None, null: int | None = None,
                    per_sample: bool = False) -> nn.Module:
     """The teacher with classifier-free guidance at ``guidance_scale`` (LCM's guided distillation; with
@@ -129,18 +154,29 @@ def guided_teacher(teacher: nn.Module, guidance_scale: float | None, null: int |
     teacher."""
     if not per_sample and (guidance_scale is None or float(guidance_scale) == 1.0):
         return teacher
-    if class_rows(teacher.net) is None:
-        raise ValueError("classifier-free guidance needs a class-conditional teacher (a network with a class table)")
+    if not is_conditional(teacher.net):
+        raise ValueError("classifier-free guidance needs a conditional teacher (class labels or a text condition)")
+    if null is None:  # a text teacher's null condition is the empty prompt's embedding, computed when it was loaded
+        null = getattr(teacher, "empty_condition", None)
     return GuidedDenoiser(teacher, null_condition(teacher.net, null), 1.0 if guidance_scale is None else guidance_scale)
+
+
+NATIVE_GUIDANCE_DIM = 256  # time_cond_proj_dim given to a text U-Net student (LCM's SD students use 256)
 
 
 def attach_guidance(student: nn.Module, guidance_scale: float, w_range: tuple[float, float] | None = None) -> None:
     """What a consistency function knows of guidance, set before its target and EMA are copied from it: for a range
-    ``w_range`` of scales a zero-started :class:`GuidanceEmbedding` (``w`` is an input, ``guidance_scale`` its
-    default); else a fixed ``guidance_scale`` other than 1 built in (nothing for 1). A ``ValueError`` for a network
-    without an embedding to add ``w`` to."""
+    ``w_range`` of scales ``w`` becomes an input (``guidance_scale`` its default) through the network's native input
+    where its family has one (a text U-Net student gets ``time_cond_proj_dim``, its projection zero-started:
+    :class:`NativeGuidanceEmbedding`, LCM's form), else a zero-started :class:`GuidanceEmbedding` added to its
+    embeddings; without a range a fixed ``guidance_scale`` other than 1 built in (nothing for 1). A ``ValueError``
+    for a network without an embedding to add ``w`` to."""
     if w_range is not None:
-        student.guidance_embedding = GuidanceEmbedding.for_net(student.denoiser.net)
+        den = student.denoiser
+        den.net = with_guidance_input(den.net, NATIVE_GUIDANCE_DIM)  # a native input where the family has one
+        dim = getattr(den.net.config, "time_cond_proj_dim", None) if guidance_input(den.net) else None
+        student.guidance_embedding = (NativeGuidanceEmbedding(dim) if dim else
+                                      GuidanceEmbedding.for_net(den.net))
         student.guidance_range = (float(w_range[0]), float(w_range[1]))
     if w_range is not None or guidance_scale != 1.0:
         student.guidance_scale = float(guidance_scale)

@@ -14,6 +14,13 @@ samplers never see any of it. A family this module does not know is refused in o
   row, the null class, that diffusers' ``DiTPipeline`` uses for guidance; a learned-variance output (``2C`` channels
   for ``C``, Nichol & Dhariwal 2021) is cut to its first ``C`` channels as ``DiTPipeline`` does; a guidance embedding
   is added to every block's conditioning embedding (``norm1.emb``, time + class), which also feeds the output layer.
+- ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x, Rombach et al. 2022): ``net(x, t, encoder_hidden_states=c)``
+  with ``c`` the prompt's text-encoder states; "no condition" is the empty prompt's embedding, which only the
+  teacher's text encoder can compute (the caller passes it as ``null``). The guidance scale enters through the
+  network's **native** input when it has one: ``time_cond_proj_dim`` takes ``timestep_cond``, diffusers' guidance-scale
+  embedding (as LCM's students do, so diffusers' ``LatentConsistencyModelPipeline`` runs them); else it is added
+  to the time embedding as for ``UNet2DModel``. SDXL (``addition_embed_type: text_time``, two text encoders) is refused
+  in one line.
 """
 from __future__ import annotations
 
@@ -102,6 +109,53 @@ def _class_null_condition(net, null: int | None = None) -> dict:
     return {"class_labels": torch.tensor(null_class(net, null))}
 
 
+def _text_refusal(net) -> str | None:
+    cfg = _config(net)
+    if getattr(cfg, "addition_embed_type", None):
+        return (f"{type(net).__name__} with addition_embed_type={cfg.addition_embed_type!r} (SDXL-style added "
+                "conditions: pooled text embeddings and size/crop ids) is not read yet; cmdistill reads Stable "
+                "Diffusion 1.x / 2.x U-Nets (cross-attention on one text encoder's states)")
+    if not getattr(cfg, "cross_attention_dim", None):
+        return f"{type(net).__name__} without cross_attention_dim has no text condition to read"
+    return None
+
+
+def _text_condition_keys(net) -> tuple[str, ...]:
+    return ("encoder_hidden_states",) + _class_condition_keys(net)
+
+
+def _text_null_condition(net, null=None) -> dict:
+    """The empty prompt's text-encoder states (``null``: a ``[1, L, D]`` tensor, or a dict with them), as diffusers'
+    Stable Diffusion pipelines embed ``""`` for classifier-free guidance."""
+    if isinstance(null, dict):
+        null = null.get("encoder_hidden_states")
+    if not torch.is_tensor(null) or null.ndim != 3:
+        raise ValueError(f"the null condition of a text-conditional {type(net).__name__} is the empty prompt's "
+                         "embedding ([1, L, D], from the teacher's text encoder): pass it as null")
+    return {"encoder_hidden_states": null}
+
+
+def _native_guidance_input(net) -> str | None:
+    """``timestep_cond`` for a U-Net built with ``time_cond_proj_dim`` (diffusers' guidance-scale embedding enters
+    its time embedding through ``cond_proj``), else ``None``."""
+    return "timestep_cond" if getattr(_config(net), "time_cond_proj_dim", None) else None
+
+
+def _text_unet_with_guidance_input(net, dim: int):
+    """A copy of a text U-Net built with ``time_cond_proj_dim = dim`` and the same weights, its new ``cond_proj``
+    zero (so it computes what ``net`` computes until training moves it: the ControlNet zero start); ``net`` itself
+    when it already has the input."""
+    if getattr(net.config, "time_cond_proj_dim", None):
+        return net
+    new = type(net).from_config({**dict(net.config), "time_cond_proj_dim": int(dim)})
+    missing, unexpected = new.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise ValueError(f"cannot add time_cond_proj_dim to {type(net).__name__}: keys {missing or unexpected}")
+    nn.init.zeros_(new.time_embedding.cond_proj.weight)
+    first = next(net.parameters())
+    return new.to(first.device, first.dtype).train(net.training).requires_grad_(first.requires_grad)
+
+
 def _family_rows(net):
     return family_of(net).class_rows(net)
 
@@ -119,12 +173,17 @@ class Family:
     prepare: Callable = lambda net: None  # net -> None: make the network fit for the seam's training (in place)
     condition_keys: Callable = _class_condition_keys  # net -> the condition keywords it takes beyond x and t
     null_condition: Callable = _class_null_condition  # (net, null) -> the one-sample condition of "no condition"
+    guidance_input: Callable = lambda net: None  # net -> the keyword of a native guidance-scale input, if it has one
+    add_guidance_input: Callable = lambda net, dim: net  # (net, dim) -> the network with a native input, if it can
 
 
 FAMILIES: dict[str, Family] = {
     "unet": Family("unet", frozenset({"UNet2DModel"}), _unet_call, _unet_class_rows, _unet_sites),
     "dit": Family("dit", frozenset({"DiTTransformer2DModel", "Transformer2DModel"}), _dit_call, _dit_class_rows,
                   _dit_sites, _dit_refusal, _no_label_dropout),
+    "unet_text": Family("unet_text", frozenset({"UNet2DConditionModel"}), _unet_call, _unet_class_rows, _unet_sites,
+                        _text_refusal, condition_keys=_text_condition_keys, null_condition=_text_null_condition,
+                        guidance_input=_native_guidance_input, add_guidance_input=_text_unet_with_guidance_input),
     # a torch module of one's own (not a diffusers model): called as ``net(x, t, **cond)``, as a UNet2DModel is
     "module": Family("module", frozenset(), _unet_call, _unet_class_rows, _unet_sites),
 }
@@ -197,6 +256,39 @@ def embedding_width(net) -> int:
     if not sites:
         raise ValueError(f"a guidance embedding needs a time or conditioning embedding in {type(net).__name__}")
     return _site_width(sites[0])
+
+
+def guidance_input(net) -> str | None:
+    """The keyword of ``net``'s native guidance-scale input (``timestep_cond`` of a U-Net with
+    ``time_cond_proj_dim``), ``None`` when a guidance embedding must be added to its embeddings instead."""
+    return family_of(net).guidance_input(net)
+
+
+def with_guidance_input(net, dim: int):
+    """``net`` with a native guidance-scale input of width ``dim`` where its family can add one (a text U-Net:
+    ``time_cond_proj_dim``), else ``net`` unchanged."""
+    return family_of(net).add_guidance_input(net, dim)
+
+
+def is_conditional(net) -> bool:
+    """Whether ``net`` takes a condition (class labels, text states) that classifier-free guidance can drop."""
+    try:
+        return bool(family_of(net).condition_keys(net))
+    except UnsupportedNetwork:
+        return False
+
+
+@contextmanager
+def guidance_entered(net: nn.Module, embedding: torch.Tensor):
+    """Within the block ``net`` sees the guidance-scale ``embedding``: the block yields the extra condition to pass
+    (``{"timestep_cond": embedding}`` for a native input), or ``{}`` while the embedding is added to every
+    embedding site (:func:`added_to_embedding`)."""
+    key = guidance_input(net)
+    if key is not None:
+        yield {key: embedding}
+        return
+    with added_to_embedding(net, embedding):
+        yield {}
 
 
 @contextmanager

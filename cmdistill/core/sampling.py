@@ -92,7 +92,9 @@ def sample_consistency(f, noise: torch.Tensor, sigmas: Sequence[float], generato
     """Multistep consistency sampling (CM Algorithm 1): ``x = f(mu + sigmas[0] z, sigmas[0])``; for each next
     ``tau``: ``x = f(x + sqrt(tau^2 - sigma_min^2) z', tau)``.
 
-    ``sigmas`` is descending, ``sigmas[0]`` usually ``sigma_max``; one sigma is one step. ``mu`` is ``f.prior_mean``
+    ``sigmas`` is descending, ``sigmas[0]`` usually ``sigma_max``; one sigma is one step. A consistency function
+    whose boundary has other conventions says so (``f.start_std``, ``f.renoise_std``: LCMScheduler's unit VP start
+    and full ``tau`` of noise). ``mu`` is ``f.prior_mean``
     when ``f`` has one, else 0 (CM). The fresh noise ``z'`` comes from ``noise_fn`` (default: ``torch.randn`` on
     ``generator``). ``clip_denoised``: clamp each intermediate ``x`` to the data range [-1, 1] before it is noised
     again, as CM's code and diffusers' ``CMStochasticIterativeScheduler(clip_denoised=True)`` do. Off by default:
@@ -102,12 +104,14 @@ def sample_consistency(f, noise: torch.Tensor, sigmas: Sequence[float], generato
     """
     draw = noise_fn or _torch_noise(generator)
     sigmas = [float(s) for s in sigmas]
-    x = f(start_sample(promote(noise), sigmas[0], getattr(f, "prior_mean", None)), sigmas[0], **cond)
+    start_std = getattr(f, "start_std", lambda s: s)  # a consistency function's own conventions, else CM's
+    renoise_std = getattr(f, "renoise_std", lambda tau: math.sqrt(max(tau**2 - f.sigma_min**2, 0.0)))
+    x = f(start_sample(promote(noise), start_std(sigmas[0]), getattr(f, "prior_mean", None)), sigmas[0], **cond)
     for tau in sigmas[1:]:
         if clip_denoised:
             x = x.clamp(-1, 1)
         z = draw(tuple(x.shape), x.dtype, x.device)
-        x = f(x + math.sqrt(max(tau**2 - f.sigma_min**2, 0.0)) * z, tau, **cond)
+        x = f(x + renoise_std(tau) * z, tau, **cond)
     return x
 
 

@@ -1,0 +1,190 @@
+"""Text-conditional teachers (issue 26): a Stable Diffusion-layout teacher through cmdistill's network seam equals
+diffusers' StableDiffusionPipeline from the same latents and prompts; a student with LCM's native guidance input and
+LCMScheduler's boundary is what diffusers' LatentConsistencyModelPipeline samples. Tiny random components, built
+here (the tokenizer's vocabulary too): no downloads."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler,  # noqa: E402
+                       StableDiffusionPipeline, UNet2DConditionModel)
+
+from cmdistill.core.autoencoders import decode_latents  # noqa: E402
+from cmdistill.core.consistency import make_student  # noqa: E402
+from cmdistill.core.guidance import NativeGuidanceEmbedding, attach_guidance, guided_teacher  # noqa: E402
+from cmdistill.core.networks import (UnsupportedNetwork, condition_keys, family_of, guidance_input,  # noqa: E402
+                                     null_condition)
+from cmdistill.core.sampling import sample_consistency, sample_ode, teacher_sigmas  # noqa: E402
+
+WORDS = ["a", "photo", "of", "sneaker", "grey", "ankle", "boot", "bag", "red", "trouser"]
+
+
+def tiny_sd(folder, seed: int = 0, scheduler=None):
+    """A StableDiffusionPipeline of tiny random components saved to ``folder`` (16x16 RGB images, 4x8x8 latents,
+    a 2-layer CLIP text encoder of width 16 over a written 10-word vocabulary)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cmdistill.tokenizer import write_clip_tokenizer
+
+    tok = write_clip_tokenizer(folder / "tok-src", WORDS, max_length=8)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    with torch.no_grad():  # diffusers zero-starts some output layers: make every part of the tiny U-Net matter
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sched = scheduler or DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok, unet=unet.eval(),
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "sd")
+    return folder / "sd"
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+def test_text_unet_family_keys_null_and_native_input(sd_folder):
+    unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
+    assert family_of(unet).name == "unet_text" and condition_keys(unet) == ("encoder_hidden_states",)
+    assert guidance_input(unet) is None  # a Stable Diffusion teacher has no guidance input of its own
+    with pytest.raises(ValueError, match="empty prompt"):
+        null_condition(unet)
+    sdxl = UNet2DConditionModel.from_config({**dict(unet.config), "addition_embed_type": "text_time",
+                                             "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 24})
+    with pytest.raises(UnsupportedNetwork, match="SDXL"):
+        family_of(sdxl)
+
+
+def test_prompt_encoder_equals_the_pipelines_encode_prompt(sd_folder):
+    from cmdistill.teachers import load_teacher, text_encoder
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    prompts = ["a photo of a sneaker", "a grey ankle boot"]
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    torch.testing.assert_close(text_encoder(sd_folder)(prompts), cond)
+    teacher = load_teacher(str(sd_folder))  # loading a text teacher embeds the empty prompt once: guidance's null
+    torch.testing.assert_close(teacher.empty_condition.expand_as(uncond), uncond)
+    assert not torch.allclose(cond[0], cond[1])
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_text_teacher_cfg_ddim_equals_stable_diffusion_pipeline(sd_folder, guidance_scale):
+    """The teacher's CFG DDIM-k through cmdistill (loaded from the StableDiffusionPipeline folder: network seam, VP
+    adapter, guided teacher with the empty prompt as the null condition) equals diffusers' StableDiffusionPipeline
+    with its DDIMScheduler from the same latents and prompts, decoded by the same VAE."""
+    from cmdistill.latents import load_teacher_vae
+    from cmdistill.teachers import load_teacher, text_encoder
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
+    prompts = ["a photo of a sneaker", "a red bag"]
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = pipe(prompts, latents=z.clone(), num_inference_steps=5, guidance_scale=guidance_scale,
+               output_type="np").images
+    teacher, vae = load_teacher(str(sd_folder)), load_teacher_vae(str(sd_folder))
+    den = guided_teacher(teacher, guidance_scale)
+    with torch.no_grad():
+        lat = sample_ode(den, z, teacher_sigmas(den, 5, spacing=None), "ddim",
+                         encoder_hidden_states=text_encoder(sd_folder)(prompts))
+        ours = (decode_latents(vae, lat) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert ref.shape == ours.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    other = pipe(["a grey ankle boot", "a photo of a trouser"], latents=z.clone(), num_inference_steps=5,
+                 guidance_scale=guidance_scale, output_type="np").images
+    assert np.abs(other - ref).max() > 1e-2  # the prompt matters at this tolerance
+
+
+def lcm_student(sd_folder, seed: int = 1):
+    """A guided student of the tiny SD teacher with LCM's conventions (native ``time_cond_proj_dim`` input, the
+    lcm_scheduler boundary), its new guidance projection moved off zero so that ``w`` matters."""
+    from cmdistill.teachers import load_teacher
+
+    student = make_student(load_teacher(str(sd_folder)), boundary="lcm_scheduler").eval()
+    attach_guidance(student, 3.0, (1.0, 8.0))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        student.denoiser.net.time_embedding.cond_proj.weight.normal_(0, 0.5)
+    return student
+
+
+def test_a_text_student_gets_a_zero_started_native_guidance_input(sd_folder):
+    from cmdistill.teachers import load_teacher
+
+    teacher = load_teacher(str(sd_folder))
+    student = make_student(teacher, boundary="lcm_scheduler")
+    attach_guidance(student, 3.0, (1.0, 8.0))
+    net = student.denoiser.net
+    assert isinstance(net, UNet2DConditionModel) and net.config.time_cond_proj_dim == 256
+    assert isinstance(student.guidance_embedding, NativeGuidanceEmbedding) and guidance_input(net) == "timestep_cond"
+    assert not list(student.guidance_embedding.parameters())  # its weights are the U-Net's cond_proj
+    x, s = torch.randn(2, 4, 8, 8) * 3, torch.tensor([2.0, 0.5])
+    cond = {"encoder_hidden_states": torch.randn(2, 8, 16)}
+    with torch.no_grad():  # zero-started: at every w the student's F is the teacher's denoiser
+        for w in (1.0, 6.0):
+            torch.testing.assert_close(student.denoise(x, s, w, **cond), teacher(x, s, **cond))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_student_equals_diffusers_latent_consistency_pipeline(sd_folder, tmp_path, steps):
+    """The student's U-Net, saved with the teacher's VAE, text encoder and tokenizer and an LCMScheduler of the
+    teacher's betas, is a LatentConsistencyModelPipeline; sampled by diffusers at guidance_scale w from the same
+    latents and generator it gives the images cmdistill's consistency sampler gives at w (LCM's w - 1 embedding,
+    LCMScheduler's boundary, start and noise)."""
+    from cmdistill.latents import load_teacher_vae
+    from cmdistill.teachers import text_encoder
+
+    student = lcm_student(sd_folder)
+    sd = StableDiffusionPipeline.from_pretrained(sd_folder)
+    lcm = LatentConsistencyModelPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                                         unet=student.denoiser.net, scheduler=LCMScheduler.from_config(sd.scheduler.config),
+                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    lcm.save_pretrained(tmp_path / "lcm")
+    lcm = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "lcm")
+    prompts, w = ["a photo of a sneaker", "a red bag"], 4.0
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = lcm(prompts, latents=z.clone(), num_inference_steps=steps, guidance_scale=w, output_type="np",
+              generator=torch.Generator().manual_seed(7)).images
+    lcm.scheduler.set_timesteps(steps)
+    sigmas = student.denoiser.sigma_table[lcm.scheduler.timesteps].tolist()
+    vae = load_teacher_vae(str(sd_folder))
+    with torch.no_grad():
+        lat = sample_consistency(student, z, sigmas, generator=torch.Generator().manual_seed(7), guidance_scale=w,
+                                 encoder_hidden_states=text_encoder(sd_folder)(prompts))
+        ours = (decode_latents(vae, lat) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    other = lcm(prompts, latents=z.clone(), num_inference_steps=steps, guidance_scale=1.5, output_type="np",
+                generator=torch.Generator().manual_seed(7)).images
+    assert np.abs(other - ref).max() > 1e-2  # w reaches the network through the native input
+
+
+def test_lcm_scheduler_boundary_is_lcmschedulers_scalings(sd_folder):
+    """The lcm_scheduler boundary in EDM space is LCMScheduler's discrete boundary on the VP sample: c_skip times
+    sqrt(1 + sigma^2) and c_out equal ``get_scalings_for_boundary_condition_discrete(t)`` at the teacher's timesteps,
+    and the student is exactly the identity on the VP sample at t = 0."""
+    from cmdistill.core.consistency import lcm_scheduler_scalings
+    from cmdistill.teachers import load_teacher
+
+    teacher = load_teacher(str(sd_folder))
+    sched = LCMScheduler.from_config(StableDiffusionPipeline.from_pretrained(sd_folder).scheduler.config)
+    ts = torch.tensor([0, 1, 3, 19, 259, 999])
+    sigma = teacher.sigma_table[ts].float()
+    c_skip, c_out = lcm_scheduler_scalings(sigma, teacher.sigma_min, 0.5, 10.0, teacher)
+    ref = [sched.get_scalings_for_boundary_condition_discrete(int(t)) for t in ts]
+    torch.testing.assert_close(c_skip * (1 + sigma**2).sqrt(), torch.tensor([float(r[0]) for r in ref]))
+    torch.testing.assert_close(c_out, torch.tensor([float(r[1]) for r in ref]))
+    assert float(c_skip[0] * (1 + sigma[0] ** 2).sqrt()) == pytest.approx(1.0) and float(c_out[0]) == 0.0
+    assert float(c_out[2]) > 0.99  # three timesteps up, the student is already (almost) its network's x0
