@@ -37,6 +37,12 @@ def _with_output_dir(recipe, output_dir):
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, output_dir=str(output_dir)))
 
 
+def text_components(task) -> dict:
+    """A text student's ``text_encoder`` and ``tokenizer`` (its teacher's), for the exported pipeline."""
+    pe = getattr(task, "prompt_encoder", None)
+    return {} if pe is None else {"text_encoder": pe.text_encoder, "tokenizer": pe.tokenizer}
+
+
 def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = None, overwrite: bool = False,
             echo=print) -> Path | None:
     """Consistency distillation (CM Algorithm 2) as the recipe says, the student exported as a
@@ -55,7 +61,8 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     card = {"teacher": recipe.teacher.path, "recipe": str(Path(recipe.train.output_dir) / "recipe.yaml"),
             "steps": recipe.train.max_steps}
     student_dir = train(recipe, Distillation,
-                        lambda task, out: save_student(task.ema.ema_model, out / "student", card=card, vae=task.vae),
+                        lambda task, out: save_student(task.ema.ema_model, out / "student", card=card, vae=task.vae,
+                                                       **text_components(task)),
                         resume=resume, overwrite=overwrite)
     state = PartialState()
     if not state.is_main_process:

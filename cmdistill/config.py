@@ -35,12 +35,13 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"                  # cifar10 | imagefolder | digits | fashion_mnist | teacher (data-free)
+    name: str = "cifar10"                  # cifar10 | imagefolder | digits | fashion_mnist | captions | hf_disk | teacher
     root: str = "~/.cache/cmdistill/data"  # download cache (cifar10), image folder, Fashion-MNIST's IDX folder
     hflip: bool = True
     num_workers: int = 2
     resolution: Optional[int] = None       # None: the teacher's sample_size (a latent teacher's: its VAE's)
     latent_cache: str = "~/.cache/cmdistill/latents"  # latent teachers: the verified cache of encoded images
+    caption_column: str = "text"           # captions / hf_disk: the column holding each image's caption
 
 
 @dataclass
@@ -93,8 +94,8 @@ class SolverConfig:
 
 @dataclass
 class StudentConfig:
-    boundary: str = "lcm"                  # lcm | cm (core.consistency.DEFAULT_BOUNDARY: lcm starts the student as D)
-    boundary_scale: float = 10.0           # lcm only
+    boundary: str = "auto"                 # auto | lcm | cm | lcm_scheduler (auto: lcm_scheduler for text U-Nets, else lcm)
+    boundary_scale: float = 10.0           # lcm, lcm_scheduler (LCMScheduler's timestep_scaling)
     sigma_data: float = 0.5
     target_decay: float = 0.0              # mu; 0 = stop-gradient copy
     ema_decay: float = 0.9999              # evaluation EMA (ema-pytorch)
@@ -317,7 +318,7 @@ def config_registries() -> dict[str, Any]:
         "teacher.kind": ("auto", *ADAPTERS), "teacher.dtype": DTYPES, "data.name": (*DATASETS, "teacher"),
         "schedule.grid": GRIDS, "schedule.curriculum": CURRICULA, "schedule.pairs": PAIR_SAMPLERS,
         "schedule.gap": GAP_CURRICULA, "solver.substep_schedule": SUBSTEP_SCHEDULES, "solver.name": SOLVERS,
-        "student.boundary": BOUNDARIES, "student.parametrization": PARAMETRIZATIONS, "student.prior": PRIORS,
+        "student.boundary": ("auto", *BOUNDARIES), "student.parametrization": PARAMETRIZATIONS, "student.prior": PRIORS,
         "loss.distance": DISTANCES, "loss.lpips_net": LPIPS_NETS, "loss.weighting": WEIGHTINGS,
         "scheduler.beta_schedule": BETA_SCHEDULES, "scheduler.prediction_type": PREDICTION_TYPES,
         "scheduler.timestep_spacing": TIMESTEP_SPACINGS,

@@ -2,8 +2,10 @@
 of the 1-step prior. Every dataset yields ``(image, label)``; unconditional teachers ignore the label.
 
 Registry keyed by ``data.name``: ``cifar10`` (torchvision download into a cache folder), ``imagefolder``
-(any folder of images), ``digits`` (scikit-learn's bundled 8x8 digits, offline) and ``fashion_mnist`` (the IDX files
-of Xiao et al. 2017 in ``data.root``: Debian's ``dataset-fashion-mnist`` package or torchvision's download).
+(any folder of images), ``digits`` (scikit-learn's bundled 8x8 digits, offline), ``fashion_mnist`` (the IDX files
+of Xiao et al. 2017 in ``data.root``: Debian's ``dataset-fashion-mnist`` package or torchvision's download), and the
+captioned ones a text-conditional teacher needs, which also yield a prompt id (:class:`Captioned`): ``captions`` (an
+image folder with 🤗 imagefolder's ``metadata.jsonl``) and ``hf_disk`` (a 🤗 dataset saved with ``save_to_disk``).
 """
 from __future__ import annotations
 
@@ -111,6 +113,111 @@ def cifar10_dataset(root: str, resolution: int | None = None, channels: int = 3)
     return _Cifar(ds.data, ds.targets)
 
 
+class Captioned(Dataset):
+    """Images with a caption each: yields ``(image, label, prompt_id)``, the caption being ``prompts[prompt_id]``
+    (``prompts``: the distinct captions, sorted, so each is embedded once)."""
+
+    def __init__(self, images: Dataset, captions: list[str]):
+        self.images = images
+        self.prompts = sorted(set(captions))
+        index = {c: i for i, c in enumerate(self.prompts)}
+        self.prompt_ids = torch.tensor([index[c] for c in captions])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x, y, *_ = self.images[i]
+        return x, y, self.prompt_ids[i]
+
+
+def _check_captions(captions: list, where: str, column: str) -> list[str]:
+    if not captions:
+        raise DataError(f"{where} has no captioned images")
+    bad = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise DataError(f"{where}: row {bad[0]} has an empty or non-text {column!r} caption ({len(bad)} such rows)")
+    return [c.strip() for c in captions]
+
+
+def captions_dataset(root: str, resolution: int | None = None, channels: int = 3, caption_column: str = "text"):
+    """An image folder with captions, in the convention of 🤗 datasets' ``imagefolder``: ``root/metadata.jsonl``, one
+    JSON object per line with ``file_name`` (relative to ``root``) and the caption in ``caption_column``; a ``label``
+    column, if present, gives class labels (else 0). One line for a missing column, file or caption."""
+    import json
+
+    p = Path(os.path.expanduser(root))
+    meta = p / "metadata.jsonl"
+    if not meta.is_file():
+        raise DataError(f"captioned image folder {root!r} has no metadata.jsonl (lines of {{\"file_name\": ..., "
+                        f"\"{caption_column}\": ...}})")
+    if resolution is None:
+        raise DataError("captions needs a resolution (the teacher's sample_size or data.resolution)")
+    rows = []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{meta}: line {n} is not JSON ({e.msg})") from None
+    for key in ("file_name", caption_column):
+        missing = [i for i, r in enumerate(rows) if key not in r]
+        if missing:
+            raise DataError(f"{meta}: no {key!r} column in row {missing[0] + 1} (set data.caption_column to the "
+                            "caption's column)" if key == caption_column else f"{meta}: row {missing[0] + 1} has no "
+                            "'file_name'")
+    files = [p / r["file_name"] for r in rows]
+    absent = [f for f in files if not f.is_file()]
+    if absent:
+        raise DataError(f"{meta} lists {len(absent)} missing image file(s), e.g. {str(absent[0])!r}")
+    captions = _check_captions([r[caption_column] for r in rows], str(meta), caption_column)
+    labels = [int(r.get("label", 0)) for r in rows]
+    return Captioned(_ImageFiles(files, resolution, channels, labels), captions)
+
+
+class _HFImages(Dataset):
+    def __init__(self, table, image_column: str, resolution: int, channels: int, labels: list[int]):
+        self.table, self.column, self.resolution = table, image_column, resolution
+        self.mode, self.labels = "L" if channels == 1 else "RGB", labels
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        im = self.table[i][self.column].convert(self.mode)
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        a = np.asarray(im.resize((self.resolution, self.resolution), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(a)), torch.tensor(self.labels[i])
+
+
+def hf_disk_dataset(root: str, resolution: int | None = None, channels: int = 3, caption_column: str = "text"):
+    """A 🤗 ``datasets`` dataset saved with ``save_to_disk`` (its ``train`` split if it is a DatasetDict): an
+    ``image`` column, the caption in ``caption_column``, an optional ``label`` column."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data.name hf_disk needs the datasets package: pip install datasets") from None
+    try:
+        table = datasets.load_from_disk(os.path.expanduser(root))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"cannot read a saved 🤗 dataset from {root!r}: {e}") from None
+    if isinstance(table, datasets.DatasetDict):
+        table = table["train"] if "train" in table else next(iter(table.values()))
+    for key in ("image", caption_column):
+        if key not in table.column_names:
+            raise DataError(f"the dataset in {root!r} has no {key!r} column (it has {', '.join(table.column_names)})")
+    if resolution is None:
+        raise DataError("hf_disk needs a resolution (the teacher's sample_size or data.resolution)")
+    captions = _check_captions(list(table[caption_column]), root, caption_column)
+    labels = [int(v) for v in table["label"]] if "label" in table.column_names else [0] * len(table)
+    return Captioned(_HFImages(table, "image", resolution, channels, labels), captions)
+
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the IDX files
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
@@ -177,12 +284,17 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "imagefolder": imagefolder_dataset,
     "digits": digits_dataset,
     "fashion_mnist": fashion_mnist_dataset,
+    "captions": captions_dataset,
+    "hf_disk": hf_disk_dataset,
 }
+CAPTIONED = frozenset({"captions", "hf_disk"})  # datasets whose items carry a caption (a text teacher's condition)
 
 
-def make_dataset(name: str, root: str, resolution: int | None, channels: int) -> Dataset:
+def make_dataset(name: str, root: str, resolution: int | None, channels: int, caption_column: str = "text") -> Dataset:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    if name in CAPTIONED:
+        return DATASETS[name](root, resolution, channels, caption_column)
     return DATASETS[name](root, resolution, channels)
 
 

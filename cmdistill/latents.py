@@ -3,9 +3,10 @@
 weights, data and transform are the same (the trajectory bank's rule: a manifest of fingerprints, checked on load).
 
 A cache is a folder ``<cache_dir>/<key>/`` with ``latents.safetensors`` (``latents`` [N, c, h, w] fp32, ``labels``
-[N]) and ``manifest.json``: the key's inputs (SHA-256 of the autoencoder's config and weight files, of the images and
-labels as the data layer gives them, the encoding: posterior, scaling and shift factors) and the SHA-256 of the
-latents file. A folder whose manifest or file does not match is refused in one line, never silently re-used.
+[N]; for captioned data ``prompt_ids`` [N] and ``prompt_embeds`` [P, L, D], each distinct caption's text-encoder states)
+and ``manifest.json``: the key's inputs (SHA-256 of the autoencoder's config and weight files, of the images and
+labels as the data layer gives them, the encoding: posterior, scaling and shift factors; of the captions and of the
+tokenizer and text-encoder files) and the SHA-256 of the latents file. A folder whose manifest or file does not match is refused in one line, never silently re-used.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def vae_fingerprint(folder: Path) -> dict:
 
 
 def data_fingerprint(ds: Dataset, batch_size: int = 4096) -> dict:
-    """SHA-256 of the images (fp32 bytes, as the data layer gives them) and of the labels, with their count."""
+    """SHA-256 of the images (fp32 bytes, as the data layer gives them) and of the labels, with their count; for a
+    captioned dataset also of its captions and of which image has which."""
     h_x, h_y = hashlib.sha256(), hashlib.sha256()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
     n = 0
@@ -78,13 +80,28 @@ def data_fingerprint(ds: Dataset, batch_size: int = 4096) -> dict:
         h_x.update(x.float().contiguous().numpy().tobytes())
         h_y.update(torch.as_tensor(y).long().numpy().tobytes())
         n += len(x)
-    return {"count": n, "images_sha256": h_x.hexdigest(), "labels_sha256": h_y.hexdigest()}
+    out = {"count": n, "images_sha256": h_x.hexdigest(), "labels_sha256": h_y.hexdigest()}
+    if getattr(ds, "prompts", None) is not None:
+        out["prompts_sha256"] = hashlib.sha256(json.dumps(ds.prompts).encode()).hexdigest()
+        out["prompt_ids_sha256"] = hashlib.sha256(ds.prompt_ids.long().numpy().tobytes()).hexdigest()
+    return out
 
 
-def cache_manifest(vae, vae_folder: Path, ds: Dataset) -> dict:
+def text_fingerprint(teacher_folder: Path) -> dict:
+    """SHA-256 of a text teacher's tokenizer and text-encoder files."""
+    from .prompts import TEXT_ENCODER, TOKENIZER
+
+    files = sorted(f for d in (TOKENIZER, TEXT_ENCODER) for f in (teacher_folder / d).iterdir() if f.is_file())
+    return {f"{f.parent.name}/{f.name}": sha256_file(f) for f in files}
+
+
+def cache_manifest(vae, vae_folder: Path, ds: Dataset, text_folder: Path | None = None) -> dict:
     scale, shift = latent_affine(vae)
-    return {"autoencoder": type(vae).__name__, "vae_files": vae_fingerprint(vae_folder), "data": data_fingerprint(ds),
-            "posterior": autoencoder_family(vae).posterior, "scaling_factor": scale, "shift_factor": shift}
+    out = {"autoencoder": type(vae).__name__, "vae_files": vae_fingerprint(vae_folder), "data": data_fingerprint(ds),
+           "posterior": autoencoder_family(vae).posterior, "scaling_factor": scale, "shift_factor": shift}
+    if text_folder is not None:
+        out["text_files"] = text_fingerprint(Path(text_folder))
+    return out
 
 
 def cache_key(manifest: dict) -> str:
@@ -103,6 +120,22 @@ def encode_dataset(vae, ds: Dataset, batch_size: int = 256, progress: bool = Tru
     return torch.cat(zs), torch.cat(ys)
 
 
+@torch.no_grad()
+def encode_prompts(encoder, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """``[P, L, D]`` text-encoder states of each distinct caption (:class:`~cmdistill.prompts.PromptEncoder`)."""
+    return torch.cat([encoder(prompts[i:i + batch_size]).cpu() for i in range(0, len(prompts), batch_size)])
+
+
+def as_dataset(t: dict) -> TensorDataset:
+    """The cache's tensors as a dataset of ``(latent, label)``, or ``(latent, label, prompt_id)`` with the table
+    ``prompt_embeds`` [P, L, D] (row ``prompt_id`` is that image's caption's states) as an attribute."""
+    if "prompt_ids" not in t:
+        return TensorDataset(t["latents"], t["labels"])
+    ds = TensorDataset(t["latents"], t["labels"], t["prompt_ids"])
+    ds.prompt_embeds = t["prompt_embeds"]
+    return ds
+
+
 def read_cache(folder: Path, manifest: dict) -> TensorDataset | None:
     """The cached latents when ``folder`` holds them for ``manifest``; ``None`` when it holds nothing; a
     :class:`LatentCacheError` when it holds something else or a damaged file."""
@@ -117,36 +150,48 @@ def read_cache(folder: Path, manifest: dict) -> TensorDataset | None:
     if not data.exists() or sha256_file(data) != stored.get("latents_sha256"):
         raise LatentCacheError(f"latent cache {folder}: latents.safetensors is missing or damaged (SHA-256); delete "
                                "the folder to re-encode")
-    t = load_file(str(data))
-    return TensorDataset(t["latents"], t["labels"])
+    return as_dataset(load_file(str(data)))
 
 
-def write_cache(folder: Path, manifest: dict, latents: torch.Tensor, labels: torch.Tensor) -> None:
-    """The latents file, then the manifest that vouches for it (both atomic: an interrupted write leaves no
-    manifest, so the next run encodes again)."""
+def write_cache(folder: Path, manifest: dict, tensors: dict) -> None:
+    """The latents file (``latents``, ``labels``, and for captioned data ``prompt_ids``, ``prompt_embeds``), then the
+    manifest that vouches for it (both atomic: an interrupted write leaves no manifest, so the next run encodes
+    again)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "latents.safetensors"
     with atomic_path(data) as tmp:
-        save_file({"latents": latents.contiguous(), "labels": labels.contiguous()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     write_atomic(folder / "manifest.json", json.dumps({"inputs": manifest, "latents_sha256": sha256_file(data),
-                                                       "shape": list(latents.shape)}, indent=1))
+                                                       "shape": list(tensors["latents"].shape)}, indent=1))
     make_readable(folder)
 
 
 def latent_dataset(ds: Dataset, vae_path: str | Path, cache_dir: str | Path, device="cpu", is_main: bool = True,
-                   wait=lambda: None, echo=print, vae=None) -> tuple[TensorDataset, Path]:
+                   wait=lambda: None, echo=print, vae=None, text_encoder=None,
+                   text_folder: Path | None = None) -> tuple[TensorDataset, Path]:
     """``ds`` encoded by the autoencoder at ``vae_path``, through the cache in ``cache_dir``: read when present and
     verified, else encoded by the main process (``is_main``) while the others ``wait`` then read it. Returns the
-    latents with their labels and the cache folder. ``vae``: that autoencoder already loaded (else it is loaded)."""
+    latents with their labels and the cache folder. ``vae``: that autoencoder already loaded (else it is loaded).
+    A captioned ``ds`` (with ``prompts``) also needs the teacher's ``text_encoder`` (a
+    :class:`~cmdistill.prompts.PromptEncoder`) and its pipeline folder ``text_folder``: each distinct caption is
+    embedded once into the same cache (:func:`as_dataset`)."""
     vae = load_vae(vae_path, device) if vae is None else vae
-    manifest = cache_manifest(vae, find_vae_folder(vae_path), ds)
+    captioned = getattr(ds, "prompts", None) is not None
+    if captioned and (text_encoder is None or text_folder is None):
+        raise DataError("captioned data need a text-conditional teacher (its tokenizer and text encoder)")
+    manifest = cache_manifest(vae, find_vae_folder(vae_path), ds, text_folder if captioned else None)
     folder = Path(cache_dir).expanduser() / cache_key(manifest)
     found = read_cache(folder, manifest) if is_main else None
     if is_main and found is None:
-        echo(f"latents: encoding {len(ds)} images with {type(vae).__name__} into {folder}")
-        write_cache(folder, manifest, *encode_dataset(vae, ds))
+        echo(f"latents: encoding {len(ds)} images with {type(vae).__name__} into {folder}"
+             + (f", and their {len(ds.prompts)} distinct captions" if captioned else ""))
+        latents, labels = encode_dataset(vae, ds)
+        tensors = {"latents": latents, "labels": labels}
+        if captioned:
+            tensors.update(prompt_ids=ds.prompt_ids.long(), prompt_embeds=encode_prompts(text_encoder, ds.prompts))
+        write_cache(folder, manifest, tensors)
     wait()
     found = found if found is not None else read_cache(folder, manifest)
     if found is None:

@@ -49,12 +49,17 @@ class PromptEncoder:
             raise PromptError(f"{folder} has no {TOKENIZER}/ and {TEXT_ENCODER}/ (a text-conditional teacher needs "
                               "both, as in diffusers' StableDiffusionPipeline layout)")
         tf = _transformers()
+        bars = tf.utils.logging.is_progress_bar_enabled()
+        tf.utils.logging.disable_progress_bar()  # a small encoder's "Loading weights" bar is noise around a run
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(folder / TOKENIZER)
             encoder = tf.CLIPTextModel.from_pretrained(folder / TEXT_ENCODER, use_safetensors=True,
                                                        **({"torch_dtype": dtype} if dtype is not None else {}))
         except Exception as e:  # noqa: BLE001 - any reading error is one line naming the folder
             raise PromptError(f"cannot read the text encoder of {folder}: {type(e).__name__}: {e}") from e
+        finally:
+            if bars:
+                tf.utils.logging.enable_progress_bar()
         return cls(tokenizer, encoder.to(device))
 
     @property

@@ -52,7 +52,8 @@ BASE = {"core", "files", "images", "machine"}
 INPUTS = BASE | {"prompts", "tokenizer", "data", "teachers", "latents", "config"}
 MAY_IMPORT = {
     "core": set(), "files": set(), "images": {"core"}, "machine": set(),
-    "prompts": BASE, "tokenizer": BASE, "data": BASE, "teachers": BASE | {"prompts"}, "latents": BASE | {"data", "teachers"}, "config": BASE | {"data", "teachers"},
+    "prompts": BASE, "tokenizer": BASE, "data": BASE, "teachers": BASE | {"prompts"},
+    "latents": BASE | {"prompts", "data", "teachers"}, "config": BASE | {"data", "teachers"},
     "training": INPUTS, "export": BASE | {"prompts"}, "evaluation": INPUTS | {"export"},
     "commands": INPUTS | {"training", "export", "evaluation"},
     "cli": INPUTS | {"training", "export", "evaluation", "commands"},
@@ -238,10 +239,16 @@ def test_zero_terminal_snr_teacher_has_the_rescaled_table(tmp_path):
 def test_boundary_default_is_the_same_everywhere():
     import inspect
 
-    from cmdistill.config import StudentConfig
-    from cmdistill.core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction, make_student
+    from diffusers import DDPMScheduler
 
-    assert DEFAULT_BOUNDARY == "lcm" == StudentConfig().boundary
+    from cmdistill.config import StudentConfig
+    from cmdistill.core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction, make_student, resolve_boundary
+    from cmdistill.core.denoisers import DDPMDenoiser
+
+    # the recipe's "auto" is the one default for every teacher but a text U-Net (LCMScheduler's boundary there)
+    assert DEFAULT_BOUNDARY == "lcm" and StudentConfig().boundary == "auto"
+    den = DDPMDenoiser(tiny_unet(), dict(DDPMScheduler(num_train_timesteps=1000).config))
+    assert resolve_boundary("auto", den) == DEFAULT_BOUNDARY == make_student(den, "auto").boundary
     for fn in (ConsistencyFunction.__init__, make_student):
         assert inspect.signature(fn).parameters["boundary"].default == DEFAULT_BOUNDARY
 

@@ -178,6 +178,7 @@ def test_push_to_hub_uploads_a_loadable_folder(pipe, tmp_path, monkeypatch):
 SUBPROCESS = textwrap.dedent("""
     import json, sys
     sys.modules["accelerate"] = None          # any `import accelerate` now raises ImportError
+    sys.modules["peft"] = None                # peft requires accelerate: without one a user has neither
     sys.modules["cmdistill.training"] = None  # and so does importing the training code
     import numpy as np, torch
     from diffusers import DiffusionPipeline

@@ -188,3 +188,136 @@ def test_lcm_scheduler_boundary_is_lcmschedulers_scalings(sd_folder):
     torch.testing.assert_close(c_out, torch.tensor([float(r[1]) for r in ref]))
     assert float(c_skip[0] * (1 + sigma[0] ** 2).sqrt()) == pytest.approx(1.0) and float(c_out[0]) == 0.0
     assert float(c_out[2]) > 0.99  # three timesteps up, the student is already (almost) its network's x0
+
+
+def write_captions(folder, n: int = 8, side: int = 16, column: str = "text"):
+    """An image folder with 🤗 imagefolder's metadata.jsonl: ``n`` random RGB images, two distinct captions."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", column: ["a photo of a sneaker", "a red bag"][i % 2], "label": i % 2})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+TEXT_RECIPE = """teacher: {{path: {teacher}}}
+data: {{name: captions, root: {data}, hflip: false, num_workers: 0, latent_cache: {cache}}}
+guidance: {{scale: 3.0, w_min: 1.0, w_max: 6.0}}
+schedule: {{grid: teacher, skip: 100}}
+solver: {{name: ddim}}
+loss: {{distance: pseudo_huber}}
+train: {{batch_size: 4, max_steps: 2, checkpoint_every: 2, sample_every: 2, num_sample_images: 4,
+        mixed_precision: "no"}}
+eval: {{at_end: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def text_run(sd_folder, tmp_path_factory):
+    """Two steps of guided distillation of the tiny SD teacher on a captioned folder (recipe defaults otherwise:
+    the lcm_scheduler boundary over the teacher's whole range)."""
+    from click.testing import CliRunner
+
+    from cmdistill.cli import main
+    from conftest import _threads
+
+    tmp = tmp_path_factory.mktemp("textrun")
+    write_captions(tmp / "data")
+    recipe = tmp / "text.yaml"
+    recipe.write_text(TEXT_RECIPE.format(teacher=sd_folder, data=tmp / "data", cache=tmp / "cache"))
+    with _threads(1):
+        res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp / "run")])
+    assert res.exit_code == 0, res.output
+    return tmp
+
+
+def test_captions_and_their_embeddings_are_cached_once(text_run, sd_folder):
+    from safetensors.torch import load_file
+
+    from cmdistill.teachers import text_encoder
+
+    (cache,) = [p for p in (text_run / "cache").iterdir() if p.is_dir()]
+    t = load_file(str(cache / "latents.safetensors"))
+    assert t["latents"].shape == (8, 4, 8, 8) and t["prompt_ids"].tolist() == [0, 1] * 4
+    # the distinct captions, sorted, embedded as diffusers embeds prompts
+    torch.testing.assert_close(t["prompt_embeds"], text_encoder(sd_folder)(["a photo of a sneaker", "a red bag"]))
+    manifest = (cache / "manifest.json").read_text()
+    assert "text_encoder/model.safetensors" in manifest and "prompts_sha256" in manifest
+
+
+def test_text_student_runs_in_both_pipelines(text_run):
+    """The exported text student is a ConsistencyPipeline and, from the same folder, diffusers'
+    LatentConsistencyModelPipeline: both sample it with the same images from the same latents and prompts."""
+    from cmdistill import ConsistencyPipeline
+
+    student = text_run / "run" / "student"
+    ours = ConsistencyPipeline.from_pretrained(student)
+    assert type(ours.scheduler).__name__ == "LCMScheduler" and ours.guidance_embedding is None
+    lcm = LatentConsistencyModelPipeline.from_pretrained(student, safety_checker=None, feature_extractor=None,
+                                                         requires_safety_checker=False)
+    assert lcm.unet.config.time_cond_proj_dim == 256
+    prompts, z = ["a red bag", "a photo of a sneaker"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for steps in (1, 4):
+        kw = dict(latents=z.clone(), num_inference_steps=steps, guidance_scale=4.5, output_type="np")
+        a = ours(prompt=prompts, generator=torch.Generator().manual_seed(1), **kw).images
+        b = lcm(prompts, generator=torch.Generator().manual_seed(1), **kw).images
+        np.testing.assert_allclose(a, b, atol=1e-3)
+    with pytest.raises(ValueError, match="guidance scales in"):
+        ours(prompt=prompts, guidance_scale=7.0)
+    with pytest.raises(ValueError, match="text-conditional"):
+        ours(batch_size=2)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("column", "no 'text' column"), ("file", "missing image file"), ("empty", "empty or non-text"),
+    ("nothing", "no captioned images")])
+def test_bad_captions_are_one_line_and_nothing_is_written(sd_folder, tmp_path, damage, message):
+    import json
+
+    from click.testing import CliRunner
+
+    from cmdistill.cli import main
+
+    data = write_captions(tmp_path / "data", n=4)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    if damage == "column":
+        rows = [{"file_name": r["file_name"], "caption": r["text"]} for r in rows]
+    elif damage == "file":
+        (data / rows[2]["file_name"]).unlink()
+    elif damage == "empty":
+        rows[1]["text"] = "  "
+    else:
+        rows = []
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "text.yaml"
+    recipe.write_text(TEXT_RECIPE.format(teacher=sd_folder, data=data, cache=tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_saved_hf_dataset_is_captioned_data(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from cmdistill.data import make_dataset
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)) for _ in range(3)]
+    datasets.Dataset.from_dict({"image": images, "caption": ["a red bag", "a grey boot", "a red bag"],
+                                "label": [8, 9, 8]}).save_to_disk(str(tmp_path / "hf"))
+    ds = make_dataset("hf_disk", str(tmp_path / "hf"), 8, 3, caption_column="caption")
+    assert ds.prompts == ["a grey boot", "a red bag"] and ds.prompt_ids.tolist() == [1, 0, 1]
+    x, y, pid = ds[1]
+    assert x.shape == (3, 8, 8) and int(y) == 9 and int(pid) == 0 and -1 <= float(x.min()) < float(x.max()) <= 1
+    from cmdistill.data import DataError
+
+    with pytest.raises(DataError, match="no 'text' column"):
+        make_dataset("hf_disk", str(tmp_path / "hf"), 8, 3)

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .networks import guidance_entered, prepare_network
+from .networks import condition_keys, guidance_entered, prepare_network
 from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
 from .tensors import append_dims, as_sigma, promote
@@ -55,6 +55,16 @@ BOUNDARIES: dict[str, Callable] = {"cm": cm_scalings, "lcm": lcm_scalings, "lcm_
 # the one default (recipe, ConsistencyFunction, make_student, a pipeline config without the key): with F = the
 # teacher's denoiser, lcm starts the student as that denoiser while cm starts it near 0.5 D at high sigma
 DEFAULT_BOUNDARY = "lcm"
+
+
+def resolve_boundary(name: str, denoiser) -> str:
+    """``auto`` (the recipe's default): LCMScheduler's boundary for a text-conditional U-Net on a DDPM teacher, whose
+    students diffusers' ``LatentConsistencyModelPipeline`` runs, else :data:`DEFAULT_BOUNDARY`; any other name as
+    is."""
+    if name != "auto":
+        return name
+    text = "encoder_hidden_states" in condition_keys(denoiser.net)
+    return "lcm_scheduler" if text and hasattr(denoiser, "sigma_to_t") else DEFAULT_BOUNDARY
 
 
 class ConsistencyFunction(nn.Module):
@@ -149,14 +159,14 @@ def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_dat
     top, so that it starts as the teacher's one-step denoiser (as LCM, Luo et al. 2023, initialises from the
     teacher). The copy is trainable, in fp32 whatever the teacher's dtype; the teacher is untouched.
     ``sigma_max`` (default: the teacher's) caps the student's range: where its 1-step sampler starts and the top of
-    its training grid. ``parametrization`` names how the network's output becomes ``F`` (:mod:`.parametrizations`).
+    its training grid. ``boundary`` ``auto``: :func:`resolve_boundary`. ``parametrization`` names how the network's output becomes ``F`` (:mod:`.parametrizations`).
     """
     den = copy.deepcopy(teacher)
     prepare_network(den.net)  # e.g. a DiT's own random label dropout off: the student sees the labels it is given
     den.net.float()  # fp32 master weights; nn.Module.float, which diffusers' ModelMixin.to does not wrap with a warning
     den.requires_grad_(True).train()
-    return ConsistencyFunction(den, boundary=boundary, sigma_data=sigma_data, boundary_scale=boundary_scale,
-                               sigma_max=sigma_max, parametrization=parametrization)
+    return ConsistencyFunction(den, boundary=resolve_boundary(boundary, den), sigma_data=sigma_data,
+                               boundary_scale=boundary_scale, sigma_max=sigma_max, parametrization=parametrization)
 
 
 def make_target(student: nn.Module, mu: float | None = None) -> nn.Module:

@@ -153,7 +153,8 @@ def _text_unet_with_guidance_input(net, dim: int):
         raise ValueError(f"cannot add time_cond_proj_dim to {type(net).__name__}: keys {missing or unexpected}")
     nn.init.zeros_(new.time_embedding.cond_proj.weight)
     first = next(net.parameters())
-    return new.to(first.device, first.dtype).train(net.training).requires_grad_(first.requires_grad)
+    nn.Module.to(new, first.device, first.dtype)  # torch's own: diffusers' override warns of fp32-kept modules
+    return new.train(net.training).requires_grad_(first.requires_grad)
 
 
 def _family_rows(net):

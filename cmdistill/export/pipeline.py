@@ -25,18 +25,19 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from diffusers import (AutoencoderKL, ConfigMixin, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput,
-                       ModelMixin, SchedulerMixin, Transformer2DModel, UNet2DModel, VQModel)
+                       LCMScheduler, ModelMixin, SchedulerMixin, Transformer2DModel, UNet2DConditionModel, UNet2DModel,
+                       VQModel)
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.consistency import DEFAULT_BOUNDARY, ConsistencyFunction
 from ..core.denoisers import build_denoiser
-from ..core.guidance import GuidanceEmbedding
+from ..core.guidance import GuidanceEmbedding, NativeGuidanceEmbedding
 from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.sampling import default_multistep_sigmas, sample_consistency
 from ..core.autoencoders import decode_latents
-from ..core.networks import class_rows, family_of, image_shape
+from ..core.networks import class_rows, condition_keys, family_of, guidance_input, image_shape
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -157,6 +158,26 @@ class StepCounted:
 
 
 NETWORK_COMPONENTS = ("unet", "transformer")  # the denoising network's slot, named as diffusers names it
+LCM_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "prediction_type", "rescale_betas_zero_snr")  # what LCMScheduler takes of the teacher's schedule
+
+
+def lcm_scheduler_for(student: ConsistencyFunction) -> LCMScheduler:
+    """diffusers' ``LCMScheduler`` for a student of the ``lcm_scheduler`` boundary: the teacher's DDPM schedule and
+    prediction type, ``timestep_scaling`` the student's ``boundary_scale`` (LCM's other defaults: 50 original
+    inference steps), so ``LatentConsistencyModelPipeline`` samples the student as cmdistill does."""
+    if student.boundary != "lcm_scheduler":
+        raise ValueError(f"an LCMScheduler samples students of the lcm_scheduler boundary, not {student.boundary!r}")
+    sched = student.denoiser.adapter_config()["scheduler"]
+    return LCMScheduler(**{k: sched[k] for k in LCM_SCHEDULE_KEYS if k in sched},
+                        timestep_scaling=student.boundary_scale)
+
+
+def lcm_sigmas(student: ConsistencyFunction, scheduler: LCMScheduler, steps: int) -> list[float]:
+    """The noise levels of ``LCMScheduler``'s ``steps``-step timesteps (its skipping of 50 original steps), in the
+    student's EDM units."""
+    scheduler.set_timesteps(steps)
+    return [float(student.denoiser.sigma_table[int(t)]) for t in scheduler.timesteps]
 
 
 def _component(index: dict, name: str) -> bool:
@@ -176,21 +197,25 @@ class ConsistencyPipeline(DiffusionPipeline):
     >>> images = pipe(batch_size=16, num_inference_steps=1, generator=torch.manual_seed(0)).images
     """
 
-    model_cpu_offload_seq = "unet->transformer->vae"
+    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
     # every component has a default (a student has a unet or a transformer), so diffusers must be told they are components
-    _optional_components = ["unet", "transformer", "consistency_config", "guidance_embedding", "vae"]
+    _optional_components = ["unet", "transformer", "consistency_config", "guidance_embedding", "vae", "text_encoder",
+                            "tokenizer", "scheduler"]
 
-    def __init__(self, unet: Optional[UNet2DModel] = None, consistency_config: Optional[ConsistencyConfig] = None,
+    def __init__(self, unet: Optional[Union[UNet2DModel, UNet2DConditionModel]] = None,
+                 consistency_config: Optional[ConsistencyConfig] = None,
                  guidance_embedding: Optional[GuidanceEmbeddingModel] = None,
                  transformer: Union[DiTTransformer2DModel, Transformer2DModel, None] = None,
-                 vae: Union[AutoencoderKL, VQModel, None] = None):
+                 vae: Union[AutoencoderKL, VQModel, None] = None, text_encoder: Optional[Any] = None,
+                 tokenizer: Optional[Any] = None, scheduler: Optional[LCMScheduler] = None):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("a ConsistencyPipeline has one network: a unet or a transformer")
         if consistency_config is None:
             raise ValueError("a ConsistencyPipeline needs its consistency_config")
         self.register_modules(unet=unet, transformer=transformer, consistency_config=consistency_config,
-                              guidance_embedding=guidance_embedding, vae=vae)
+                              guidance_embedding=guidance_embedding, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, scheduler=scheduler)
 
     @property
     def network(self) -> ModelMixin:
@@ -238,16 +263,22 @@ class ConsistencyPipeline(DiffusionPipeline):
             diffusers_logging.set_verbosity(verbosity)
 
     @classmethod
-    def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None, vae=None):
+    def from_student(cls, student: ConsistencyFunction, multistep_sigmas: Optional[dict] = None, vae=None,
+                     text_encoder=None, tokenizer=None):
         """Build from a trained :class:`ConsistencyFunction` (its network and guidance embedding are shared, not
-        copied); ``vae``: a latent student's autoencoder."""
+        copied); ``vae``: a latent student's autoencoder; ``text_encoder`` and ``tokenizer``: a text student's
+        (with them comes an ``LCMScheduler`` of the teacher's schedule, :func:`lcm_scheduler_for`, so the folder is
+        also a ``LatentConsistencyModelPipeline``)."""
         emb = student.guidance_embedding
         config = ConsistencyConfig(adapter=student.denoiser.adapter_config(), consistency=student.consistency_config(),
                                    multistep_sigmas=multistep_sigmas)
         net = student.denoiser.net
-        slot = "unet" if family_of(net).name in ("unet", "module") else "transformer"
-        return cls(**{slot: net}, consistency_config=config, vae=vae,
-                   guidance_embedding=None if emb is None else GuidanceEmbeddingModel.wrap(emb))
+        slot = "unet" if family_of(net).name in ("unet", "unet_text", "module") else "transformer"
+        text = {} if text_encoder is None else dict(text_encoder=text_encoder, tokenizer=tokenizer,
+                                                    scheduler=lcm_scheduler_for(student))
+        return cls(**{slot: net}, consistency_config=config, vae=vae, **text,
+                   guidance_embedding=None if not isinstance(emb, GuidanceEmbedding) else
+                   GuidanceEmbeddingModel.wrap(emb))
 
     def _components_now(self) -> tuple:
         """What :attr:`consistency_function` is built from: the components and the config's current (frozen) dict,
@@ -274,8 +305,10 @@ class ConsistencyPipeline(DiffusionPipeline):
         if "sigma_max" in cc:
             fn.sigma_max = float(cc["sigma_max"])
         fn.guidance_scale = cc.get("guidance_scale")
-        if self.guidance_embedding is not None:
-            fn.guidance_embedding = self.guidance_embedding.embedding
+        native = guidance_input(self.network) is not None and "guidance_range" in cc
+        if self.guidance_embedding is not None or native:  # a native input (LCM's) has no weights of its own
+            fn.guidance_embedding = (NativeGuidanceEmbedding(self.network.config.time_cond_proj_dim) if native else
+                                     self.guidance_embedding.embedding)
             fn.guidance_range = tuple(float(w) for w in cc.get("guidance_range", (fn.guidance_scale,) * 2))
         if cc.get("prior_mean") is not None:
             fn.prior_mean = torch.tensor(cc["prior_mean"], dtype=torch.float32)
@@ -321,6 +354,25 @@ class ConsistencyPipeline(DiffusionPipeline):
         self.consistency_config.register_to_config(multistep_sigmas=sigma_table(merged))
 
     # ------------------------------------------------------------------ sampling
+
+    def text_conditioning(self, prompt, prompt_embeds, num_images_per_prompt: int, device) -> dict:
+        """``{"encoder_hidden_states": [B, L, D]}`` for a text student, from ``prompt`` (a string or a list, embedded
+        by its tokenizer and text encoder as diffusers' Stable Diffusion pipelines do) or ``prompt_embeds``, each
+        repeated ``num_images_per_prompt`` times in a row (diffusers' order); ``{}`` for other students."""
+        if "encoder_hidden_states" not in condition_keys(self.network):
+            if prompt is not None or prompt_embeds is not None:
+                raise ValueError("this student takes no text: call it without prompt / prompt_embeds")
+            return {}
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("this student is text-conditional: pass prompt (a string or a list) or prompt_embeds")
+        if prompt_embeds is None:
+            from ..prompts import PromptEncoder
+
+            if getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None:
+                raise ValueError("this student has no text_encoder / tokenizer: pass prompt_embeds")
+            prompt_embeds = PromptEncoder(self.tokenizer, self.text_encoder)(prompt)
+        emb = prompt_embeds.to(device, torch.float32).repeat_interleave(int(num_images_per_prompt), dim=0)
+        return {"encoder_hidden_states": emb}
 
     def conditioning(self, class_labels, batch_size: int, device) -> dict:
         """``{"class_labels": tensor}`` for a class-conditional student, ``{}`` for an unconditional one; a
@@ -378,7 +430,8 @@ class ConsistencyPipeline(DiffusionPipeline):
                  generator: Generator = None, latents: Optional[torch.Tensor] = None, output_type: str = "pil",
                  return_dict: bool = True, clip_denoised: bool = False,
                  class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
-                 guidance_scale: Optional[float] = None):
+                 guidance_scale: Optional[float] = None, prompt: Union[str, list[str], None] = None,
+                 prompt_embeds: Optional[torch.Tensor] = None, num_images_per_prompt: int = 1):
         """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations (CM Algorithm 1).
 
         ``sigmas`` (descending, ``sigmas[0]`` usually ``sigma_max``) overrides the stored schedule and sets the
@@ -393,6 +446,9 @@ class ConsistencyPipeline(DiffusionPipeline):
         ``None`` for an unconditional student. ``guidance_scale``: the teacher's classifier-free guidance scale
         ``w``. A student distilled at one ``w`` has it built in and refuses any other; a student distilled for a range
         of ``w`` (a guidance embedding) samples at any ``w`` of that range; ``None``: the student's default.
+        ``prompt`` / ``prompt_embeds`` / ``num_images_per_prompt``: a text student's condition, as in diffusers'
+        Stable Diffusion and LCM pipelines (``batch_size`` is then the number of prompts times
+        ``num_images_per_prompt``; the guidance scale is the student's input, as LCM's, so no negative prompt enters).
         Progress: diffusers' ``progress_bar``, one step per network evaluation (``set_progress_bar_config``).
         """
         if num_inference_steps < 1:
@@ -403,6 +459,9 @@ class ConsistencyPipeline(DiffusionPipeline):
         guidance = self.guidance(guidance_scale)
         sigmas = self.check_sigmas(sigmas if sigmas is not None else self.sigmas_for(num_inference_steps))
         device = self._execution_device
+        text = self.text_conditioning(prompt, prompt_embeds, num_images_per_prompt, device)
+        if text:
+            batch_size = text["encoder_hidden_states"].shape[0]
         if latents is None:
             latents = randn_tensor((batch_size, *image_shape(self.network)), generator=generator, device=device,
                                    dtype=torch.float32)
@@ -410,7 +469,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         def noise(shape, dtype, dev):
             return randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
 
-        cond = {**self.conditioning(class_labels, latents.shape[0], device), **guidance}
+        cond = {**self.conditioning(class_labels, latents.shape[0], device), **text, **guidance}
         with self.progress_bar(total=len(sigmas)) as bar:
             x = sample_consistency(StepCounted(fn, bar), latents.to(device, torch.float32), sigmas, noise_fn=noise,
                                    clip_denoised=clip_denoised, **cond)
@@ -426,7 +485,7 @@ class ConsistencyPipeline(DiffusionPipeline):
 
 
 def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_sigmas: Optional[dict] = None,
-                 card: Optional[dict] = None, vae=None) -> Path:
+                 card: Optional[dict] = None, vae=None, text_encoder=None, tokenizer=None) -> Path:
     """Save a trained consistency function as a ``ConsistencyPipeline`` folder with a model card (``README.md``,
     :func:`write_model_card`; ``card`` holds what the card says about the teacher and the run), atomically: written
     into a temporary sibling folder, then moved into place. Default multistep sigmas for 2-4 steps are stored unless
@@ -434,11 +493,13 @@ def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_s
     from ..files import make_readable, replace_dir
 
     folder = Path(folder)
+    if multistep_sigmas is None and fn.boundary == "lcm_scheduler":  # LCMScheduler's own timesteps
+        multistep_sigmas = {k: lcm_sigmas(fn, lcm_scheduler_for(fn), k) for k in (2, 3, 4)}
     if multistep_sigmas is None:
         multistep_sigmas = {k: default_multistep_sigmas(fn.sigma_min, fn.sigma_max, k) for k in (2, 3, 4)}
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = ConsistencyPipeline.from_student(fn, multistep_sigmas, vae)
+    pipe = ConsistencyPipeline.from_student(fn, multistep_sigmas, vae, text_encoder, tokenizer)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     write_model_card(tmp, pipe, **(card or {}))
     make_readable(tmp)

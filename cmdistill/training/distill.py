@@ -22,14 +22,14 @@ from ..core.cd_step import cd_loss
 from ..core.consistency import make_student, make_target, update_target
 from ..core.guidance import attach_guidance, guided_teacher
 from ..core.losses import DecodedDistance, get_weighting, make_distance
-from ..core.networks import class_rows, image_shape, null_class
+from ..core.networks import class_rows, condition_keys, image_shape, is_conditional, null_class
 from ..core.sampling import sample_consistency
 from ..core.schedules import SUBSTEP_SCHEDULES, PairSchedule
 from ..core.tensors import DTYPES, to_device
 from ..data import DataError, check_fits, make_dataset, num_labels, prior_mean, random_hflip
 from ..images import save_grid
 from ..latents import load_teacher_vae
-from ..teachers import load_teacher, teacher_autoencoder
+from ..teachers import load_teacher, teacher_autoencoder, text_encoder
 from .bank import bank_dataset
 from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
@@ -58,37 +58,51 @@ def build_models(recipe: Recipe, device):
     return teacher, student, target, ema
 
 
-def build_data(recipe: Recipe, teacher, vae=None, acc=None) -> Dataset:
+def build_data(recipe: Recipe, teacher, vae=None, acc=None, prompts=None) -> Dataset:
     """The training images, checked against the teacher's channels and resolution; for a latent teacher (``vae``:
     its autoencoder) their latents, encoded once into the verified cache in ``data.latent_cache``
-    (:func:`cmdistill.latents.latent_dataset`; ``acc``: the accelerator whose main process writes it)."""
+    (:func:`cmdistill.latents.latent_dataset`; ``acc``: the accelerator whose main process writes it), with a text
+    teacher's ``prompts`` encoder the captions' text-encoder states too."""
     channels, resolution, _ = image_shape(teacher.net)
     dc = recipe.data
     if vae is not None:
-        return latent_data(recipe, teacher, vae, acc)
+        return latent_data(recipe, teacher, vae, acc, prompts)
     if dc.resolution is not None and dc.resolution != resolution:
         raise DataError(f"data.resolution is {dc.resolution} but the teacher {recipe.teacher.path!r} works at "
                         f"{resolution}x{resolution}; set data.resolution to {resolution} or null")
-    ds = make_dataset(dc.name, dc.root, dc.resolution or resolution, channels)
+    ds = make_dataset(dc.name, dc.root, dc.resolution or resolution, channels, dc.caption_column)
     check_fits(ds, resolution, channels, dc.name)
     return ds
 
 
-def latent_data(recipe: Recipe, teacher, vae, acc) -> Dataset:
+def latent_data(recipe: Recipe, teacher, vae, acc, prompts=None) -> Dataset:
     """A latent teacher's training data: the recipe's images at its autoencoder's resolution, encoded once."""
     from ..latents import latent_dataset
 
     dc = recipe.data
     if dc.hflip:
         raise ConfigError("'data.hflip' would mirror latents, not images: set it false for a latent teacher")
-    pixels = make_dataset(dc.name, dc.root, dc.resolution or vae.config.sample_size, vae.config.in_channels)
+    pixels = make_dataset(dc.name, dc.root, dc.resolution or vae.config.sample_size, vae.config.in_channels,
+                          dc.caption_column)
     main, wait, echo = (True, lambda: None, print) if acc is None else (acc.is_main_process, acc.wait_for_everyone,
                                                                         acc.print)
-    ds, folder = latent_dataset(pixels, teacher_autoencoder(recipe.teacher.path), dc.latent_cache,
-                                next(vae.parameters()).device, main, wait, echo, vae=vae)
+    device = next(vae.parameters()).device
+    texts = text_teacher(teacher)
+    if texts != (getattr(pixels, "prompts", None) is not None):
+        raise DataError(f"the teacher {recipe.teacher.path!r} is text-conditional: it needs captioned data "
+                        "(data.name captions or hf_disk)" if texts else
+                        f"data {dc.name!r} is captioned but the teacher {recipe.teacher.path!r} takes no text")
+    text_kw = dict(text_encoder=prompts, text_folder=teacher_autoencoder(recipe.teacher.path).parent) if texts else {}
+    ds, folder = latent_dataset(pixels, teacher_autoencoder(recipe.teacher.path), dc.latent_cache, device, main,
+                                wait, echo, vae=vae, **text_kw)
     channels, side, _ = image_shape(teacher.net)
     check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
     return ds
+
+
+def text_teacher(teacher) -> bool:
+    """Whether the teacher's network cross-attends to text (its condition is ``encoder_hidden_states``)."""
+    return "encoder_hidden_states" in condition_keys(teacher.net)
 
 
 def build_loss(lc, device, vae=None):
@@ -130,12 +144,12 @@ def guidance_of(recipe: Recipe, teacher, student=None):
     gc = recipe.guidance
     w_range = gc.w_range
     guided = gc.scale != 1.0 or w_range is not None
-    if guided and class_rows(teacher.net) is None:
+    if guided and not is_conditional(teacher.net):
         what = "'guidance.w_min'/'w_max' are set" if w_range else f"'guidance.scale' is {gc.scale:g}"
-        raise ConfigError(f"{what} but the teacher {recipe.teacher.path!r} is not class-conditional; set "
+        raise ConfigError(f"{what} but the teacher {recipe.teacher.path!r} is not conditional; set "
                           "guidance.scale to 1 and leave w_min/w_max unset")
-    try:
-        null = null_class(teacher.net, gc.null_class) if guided else None
+    try:  # a class teacher's null class; a text teacher's null is the empty prompt, embedded when it was loaded
+        null = null_class(teacher.net, gc.null_class) if guided and class_rows(teacher.net) is not None else None
     except ValueError as e:
         raise ConfigError(f"'guidance.null_class': {e}") from None
     if student is not None:
@@ -160,6 +174,8 @@ class Distillation:
         device, tc = accelerator.device, recipe.train
         self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
         self.vae = load_teacher_vae(recipe.teacher.path, device)  # a latent teacher's: encodes data, decodes grids
+        # a text teacher's tokenizer + text encoder: embed the captions once, and travel with the exported student
+        self.prompt_encoder = text_encoder(recipe.teacher.path, device) if text_teacher(self.teacher) else None
         self.distance, self.weighting = build_loss(recipe.loss, device, self.vae)  # refused before any data is read
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
@@ -168,7 +184,8 @@ class Distillation:
         classes = null_class(self.teacher.net) if class_rows(self.teacher.net) is not None else None
         self.bank = self.load_bank(None, classes) if recipe.data.name == "teacher" else None
         self.dataset = dataset if dataset is not None else (bank_dataset(self.bank) if self.bank is not None else
-                                                            build_data(recipe, self.teacher, self.vae, accelerator))
+                                                            build_data(recipe, self.teacher, self.vae, accelerator,
+                                                                       self.prompt_encoder))
         mean = prior_mean(recipe.student.prior, self.dataset, recipe.data.hflip)  # where 1-step sampling starts
         for fn in (self.student, self.target, self.ema.ema_model):
             fn.prior_mean = None if mean is None else mean.to(device)
@@ -186,7 +203,13 @@ class Distillation:
                                         generator=torch.Generator().manual_seed(tc.seed)).to(device)
         self.batches = None
         self.conditional = class_rows(self.teacher.net) is not None
+        self.text = text_teacher(self.teacher)
         self.sample_cond = {}
+        if self.text:  # a text student's grids: one distinct caption per column, cycling through them
+            table = self.dataset.prompt_embeds
+            self.prompt_embeds = table.to(device)
+            self.sample_cond = {"encoder_hidden_states": self.prompt_embeds[torch.arange(tc.num_sample_images)
+                                                                            % len(table)]}
         if self.conditional:
             classes, embeds = num_labels(self.dataset), class_rows(self.teacher.net)
             if classes > embeds:
@@ -238,7 +261,9 @@ class Distillation:
                 f"points (gap {sch.gap}), {r.solver.name} teacher steps ({r.solver.substeps} per pair, "
                 f"{r.solver.substep_schedule}); loss {r.loss.distance} ({r.loss.weighting}); {r.optim.name} "
                 f"lr {r.optim.lr:g}"
-                + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else ""),
+                + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else "")
+                + (f"; text-conditional ({len(self.prompt_embeds)} distinct captions), guidance scale "
+                   f"{self.guidance_text()}" if self.text else ""),
                 self.ema_text()]
 
     def ema_text(self) -> str:
@@ -259,7 +284,8 @@ class Distillation:
 
     def next_batch(self) -> tuple[torch.Tensor, dict]:
         """The next micro-batch ``x0``, randomly mirrored when ``data.hflip``, and its conditioning: the class labels
-        when the teacher is class-conditional (``class_labels``, diffusers' argument name), and with a range of
+        when the teacher is class-conditional (``class_labels``, diffusers' argument name), the caption's text-encoder
+        states for a text teacher (``encoder_hidden_states``), and with a range of
         guidance scales one ``w ~ U[w_min, w_max]`` per sample (``guidance_scale``, LCM), else nothing."""
         batch = next(self.batches)
         x0 = batch[0].to(self.acc.device, non_blocking=True)
@@ -267,6 +293,8 @@ class Distillation:
         cond = {}
         if self.conditional and len(batch) > 1:
             cond["class_labels"] = batch[1].to(self.acc.device, non_blocking=True)
+        if self.text:  # each image's caption, as its text-encoder states from the cache's table
+            cond["encoder_hidden_states"] = self.prompt_embeds[batch[2].to(self.acc.device)]
         gc = self.recipe.guidance
         if gc.w_min is not None:
             cond["guidance_scale"] = (gc.w_min + (gc.w_max - gc.w_min) * torch.rand(x0.shape[0])).to(self.acc.device)
