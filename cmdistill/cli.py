@@ -201,9 +201,10 @@ SPACING_HELP = ("Teacher timestep spacing, as diffusers' DDIMScheduler(timestep_
                 "k-step sampler at t = T-1.")
 
 
-def label_tag(class_label, guidance_scale) -> str:
-    """The part of a sample folder's name that says which class and guidance scale it holds."""
-    return ((f"-class{class_label}" if class_label is not None else "")
+def label_tag(class_label, guidance_scale, prompt=None) -> str:
+    """The part of a sample folder's name that says which class or prompt and guidance scale it holds."""
+    slug = "-".join("".join(c for c in w if c.isalnum()) for w in (prompt or "").lower().split())[:40]
+    return ((f"-class{class_label}" if class_label is not None else "") + (f"-{slug}" if slug else "")
             + (f"-w{guidance_scale:g}" if guidance_scale is not None else ""))
 
 
@@ -223,6 +224,8 @@ def label_tag(class_label, guidance_scale) -> str:
 @click.option("--num", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
 @click.option("--class-label", type=click.IntRange(min=0), default=None, show_default=True,
               help="Class of every image, for a class-conditional student or teacher (diffusers' class_labels).")
+@click.option("--prompt", default=None, metavar="TEXT", show_default=True,
+              help="Prompt of every image, for a text-conditional student or teacher (diffusers' prompt).")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, metavar="W", show_default=True,
               help="Classifier-free guidance scale w: any w of a student distilled for a range of w (default: its "
                    "own); a teacher is sampled with CFG at w (default 1: the conditional teacher).")
@@ -233,8 +236,8 @@ def label_tag(class_label, guidance_scale) -> str:
               help="Images per network call.")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @friendly_errors
-def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, guidance_scale, seed, out, batch_size,
-           device):
+def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, prompt, guidance_scale, seed, out,
+           batch_size, device):
     """Sample the newest distilled student (CM Algorithm 1) or a teacher; write PNGs, grid.png, samples.npz."""
     from pathlib import Path
 
@@ -250,11 +253,18 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
             raise G.SampleError("--sigmas applies to the student")
         steps = steps or 50
         den = load_teacher(teacher).to(device)
+        texts = {}
+        if prompt is not None:
+            from .teachers import text_encoder
+
+            if not hasattr(den, "empty_condition"):
+                raise G.SampleError("--prompt needs a text-conditional teacher; this one takes no text")
+            texts = {"prompt": prompt, "prompt_encoder": text_encoder(teacher, device)}
         x = G.sample_teacher(den, num, sampler, steps, seed, batch_size, spacing, class_label=class_label,
-                             guidance_scale=guidance_scale, vae=load_teacher_vae(teacher, device))
-        tag = f"teacher-{sampler}{steps}-seed{seed}" + label_tag(class_label, guidance_scale)
+                             guidance_scale=guidance_scale, vae=load_teacher_vae(teacher, device), **texts)
+        tag = f"teacher-{sampler}{steps}-seed{seed}" + label_tag(class_label, guidance_scale, prompt)
         meta = {"teacher": teacher, "sampler": sampler, "spacing": spacing, "class_label": class_label,
-                "guidance_scale": guidance_scale}
+                "prompt": prompt, "guidance_scale": guidance_scale}
         base = Path("runs") / "generated"
     else:
         if student is None:
@@ -265,12 +275,13 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
         pipe = G.load_student(student, device)
         try:
             x, sig = G.sample_student(pipe, num, steps or 1, sig, seed, batch_size, class_label=class_label,
-                                      guidance_scale=guidance_scale)
+                                      guidance_scale=guidance_scale, prompt=prompt)
         except ValueError as e:
             raise G.SampleError(str(e)) from e
         steps = len(sig)
-        tag = f"student-{steps}step-seed{seed}" + label_tag(class_label, guidance_scale)
-        meta = {"student": str(student), "sigmas": sig, "class_label": class_label, "guidance_scale": guidance_scale}
+        tag = f"student-{steps}step-seed{seed}" + label_tag(class_label, guidance_scale, prompt)
+        meta = {"student": str(student), "sigmas": sig, "class_label": class_label, "prompt": prompt,
+                "guidance_scale": guidance_scale}
         folder = Path(student)
         base = (folder if (folder / "recipe.yaml").is_file() else folder.parent) / "generated"
     meta.update(steps=steps, seed=seed, num=num)

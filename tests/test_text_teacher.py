@@ -321,3 +321,26 @@ def test_a_saved_hf_dataset_is_captioned_data(tmp_path):
 
     with pytest.raises(DataError, match="no 'text' column"):
         make_dataset("hf_disk", str(tmp_path / "hf"), 8, 3)
+
+
+def test_sample_prompt_for_text_student_and_teacher(text_run, sd_folder, tmp_path):
+    """`cmdistill sample --prompt` on the text student and on the text teacher: images of that prompt, and the
+    student's 1-step images are the pipeline's for that prompt; a prompt for a class teacher is one line."""
+    from click.testing import CliRunner
+
+    from cmdistill import ConsistencyPipeline
+    from cmdistill.cli import main
+
+    student = text_run / "run" / "student"
+    res = CliRunner().invoke(main, ["sample", "--student", str(student), "--prompt", "a red bag", "-n", "3",
+                                    "--guidance-scale", "2", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    got = np.load(tmp_path / "s" / "samples.npz")["images"]
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = ConsistencyPipeline.from_pretrained(student)(prompt="a red bag", num_images_per_prompt=3, latents=z,
+                                                       guidance_scale=2.0, output_type="np").images
+    assert got.shape == (3, 16, 16, 3) and np.abs(got / 255.0 - ref).max() < 1 / 255 + 1e-3
+    res = CliRunner().invoke(main, ["sample", "--teacher", str(sd_folder), "--prompt", "a red bag", "-n", "2",
+                                    "--steps", "3", "--guidance-scale", "3", "-o", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "t" / "samples.npz")["images"].shape == (2, 16, 16, 3)

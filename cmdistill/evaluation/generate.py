@@ -93,16 +93,19 @@ def run_batches(fn: Callable[..., torch.Tensor], noise: torch.Tensor, generator:
 
 
 def student_fn(pipe, sigmas: Sequence[float], class_label: int | None = None,
-               guidance_scale: float | None = None) -> Callable:
+               guidance_scale: float | None = None, prompt: str | None = None) -> Callable:
     """``z, g[, class_labels] -> x``: the pipeline's CM Algorithm 1 from given starting noise, with the given labels
-    (default: all ``class_label``) at guidance scale ``guidance_scale`` (``None``: the student's own)."""
+    (default: all ``class_label``) or, for a text student, ``prompt`` (embedded once), at guidance scale
+    ``guidance_scale`` (``None``: the student's own)."""
     sigmas = pipe.check_sigmas(sigmas)
     pipe.guidance(guidance_scale)  # one clear line now for a scale the student was not distilled for
+    text = pipe.text_conditioning(prompt, None, 1, pipe.device) if prompt is not None else {}
 
     def sample(z, g, class_labels=None):
         labels = class_label if class_labels is None else class_labels
+        emb = {"prompt_embeds": text["encoder_hidden_states"].expand(z.shape[0], -1, -1)} if text else {}
         return pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent", class_labels=labels,
-                    guidance_scale=guidance_scale).images
+                    guidance_scale=guidance_scale, **emb).images
 
     return sample
 
@@ -121,27 +124,37 @@ def teacher_fn(teacher, sampler: str, steps: int, spacing: str | None = DEFAULT_
 
 def sample_student(pipe, num: int, steps: int = 1, sigmas: Sequence[float] | None = None, seed: int = 0,
                    batch_size: int = 256, progress: bool = True, class_label: int | None = None,
-                   guidance_scale: float | None = None) -> tuple[torch.Tensor, list[float]]:
+                   guidance_scale: float | None = None, prompt: str | None = None) -> tuple[torch.Tensor, list[float]]:
     """``num`` student samples in [-1, 1] and the sigmas used (stored ones for ``steps`` unless given); a
-    class-conditional student samples ``class_label`` (at ``guidance_scale`` when it takes one)."""
+    class-conditional student samples ``class_label``, a text student ``prompt`` (at ``guidance_scale`` when it
+    takes one)."""
     sigmas = pipe.check_sigmas(sigmas if sigmas is not None else pipe.sigmas_for(steps))
     noise, g = initial_noise(num, image_shape(pipe.network), seed)
-    x, _ = run_batches(student_fn(pipe, sigmas, class_label, guidance_scale), noise, g, batch_size, pipe.device,
+    x, _ = run_batches(student_fn(pipe, sigmas, class_label, guidance_scale, prompt), noise, g, batch_size,
+                       pipe.device,
                        f"student {len(sigmas)}-step", progress, decode=pipe.decode)
     return x, sigmas
 
 
 def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                    batch_size: int = 256, spacing: str | None = DEFAULT_TEACHER_SPACING, progress: bool = True,
-                   class_label: int | None = None, guidance_scale: float | None = None, vae=None) -> torch.Tensor:
+                   class_label: int | None = None, guidance_scale: float | None = None, vae=None,
+                   prompt: str | None = None, prompt_encoder=None) -> torch.Tensor:
     """``num`` teacher samples in [-1, 1] from the same noise convention as :func:`sample_student`; a
-    class-conditional teacher samples ``class_label`` with classifier-free guidance at ``guidance_scale``; a latent
-    teacher's samples are decoded by its ``vae``."""
+    class-conditional teacher samples ``class_label``, a text teacher ``prompt`` (embedded by its
+    ``prompt_encoder``), with classifier-free guidance at ``guidance_scale``; a latent teacher's samples are decoded
+    by its ``vae``."""
     from ..core.guidance import guided_teacher
 
     noise, g = initial_noise(num, image_shape(teacher.net), seed)
     device = next(teacher.net.parameters()).device
     labels = None
+    if prompt is not None:  # the empty prompt (embedded at load) is the null condition
+        emb = prompt_encoder(prompt).to(device)
+        fn = teacher_fn(guided_teacher(teacher, guidance_scale), sampler, steps, spacing)
+        x, _ = run_batches(lambda z, gen: fn(z, gen, encoder_hidden_states=emb.expand(z.shape[0], -1, -1)), noise,
+                           g, batch_size, device, f"teacher {sampler}-{steps}", progress, None, latent_decoder(vae))
+        return x
     if class_label is not None or guidance_scale is not None:
         if class_label is None:
             raise SampleError("--guidance-scale needs --class-label (classifier-free guidance of a class)")
