@@ -224,6 +224,36 @@ class TransformerConfig:
 
 
 @dataclass
+class TextUNetConfig:
+    """Keyword arguments of ``diffusers.UNet2DConditionModel`` (Stable Diffusion's U-Net, Rombach et al. 2022), read
+    when ``model: sd`` (``out_channels`` = ``in_channels``; ``cross_attention_dim`` = the text encoder's width)."""
+
+    sample_size: int = 8                   # latent side
+    in_channels: int = 4
+    block_out_channels: list = field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 1
+    down_block_types: list = field(default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"])
+    up_block_types: list = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+
+@dataclass
+class TextEncoderConfig:
+    """The text encoder of ``model: sd``: a ``CLIPTextModel`` at its seeded random initialisation, **frozen**, over a
+    tokenizer whose vocabulary is the data's caption words (:mod:`cmdistill.tokenizer`). Frozen because then each
+    distinct caption is embedded once into the latent cache (no text-encoder pass per step on 2 cores) and a random
+    transformer still gives each caption its own states, which the U-Net's cross-attention learns to read."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    max_length: int = 16                   # tokens, start and end included
+    seed: int = 0
+
+
+@dataclass
 class AutoencoderConfig:
     """Keyword arguments of ``diffusers.AutoencoderKL`` (Rombach et al. 2022), read when ``model: autoencoder``, and
     its loss: reconstruction MSE + ``kl_weight`` x the per-element KL to N(0, I)."""
@@ -275,9 +305,11 @@ class TeacherTrainConfig(LoopConfig):
 
 @dataclass
 class TeacherRecipe:
-    model: str = "unet"                    # unet | dit (a DDPM teacher) | autoencoder (a latent teacher's VAE)
+    model: str = "unet"                    # unet | dit | sd (DDPM teachers) | autoencoder (a latent teacher's VAE)
     unet: UNetConfig = field(default_factory=UNetConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    text_unet: TextUNetConfig = field(default_factory=TextUNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     scheduler: NoiseConfig = field(default_factory=NoiseConfig)

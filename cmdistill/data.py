@@ -279,6 +279,39 @@ def fashion_mnist_dataset(root: str, resolution: int | None = None, channels: in
     return TensorDataset(x.expand(-1, channels, -1, -1).contiguous() if channels != 1 else x, y)
 
 
+# captions of Fashion-MNIST's classes (FASHION_MNIST_CLASSES order): names and synonyms, and the templates around them
+FASHION_SYNONYMS = (("tshirt", "top", "tee"), ("trousers", "pants", "jeans"), ("pullover", "sweater", "jumper"),
+                    ("dress", "gown"), ("coat", "jacket"), ("sandal", "sandals"), ("shirt", "blouse"),
+                    ("sneaker", "trainer", "running shoe"), ("bag", "handbag", "purse"), ("ankle boot", "boot"))
+FASHION_TEMPLATES = ("a photo of {a} {x}", "{a} {x}", "a picture of {a} {x}", "a black and white photo of {a} {x}",
+                     "an image of {a} {x}", "a small photo of {a} {x}")
+
+
+def fashion_caption(label: int, rng: np.random.Generator) -> str:
+    """One caption of a Fashion-MNIST class: a template around one of its names, with the right article."""
+    name = FASHION_SYNONYMS[label][rng.integers(len(FASHION_SYNONYMS[label]))]
+    template = FASHION_TEMPLATES[rng.integers(len(FASHION_TEMPLATES))]
+    plural = name.endswith(("s", "jeans")) and name not in ("dress",)
+    article = "" if plural else ("an" if name[0] in "aeiou" else "a")
+    return " ".join(template.format(a=article, x=name).split())
+
+
+def fashion_words() -> list[str]:
+    """Every word the Fashion-MNIST captions use (the vocabulary of the package-written tokenizer)."""
+    words = {w for names in FASHION_SYNONYMS for n in names for w in n.split()}
+    words |= {w for t in FASHION_TEMPLATES for w in t.replace("{a}", "").replace("{x}", "").split()}
+    return sorted(words | {"a", "an"})
+
+
+def fashion_captions_dataset(root: str, resolution: int | None = None, channels: int = 1, caption_column: str = "",
+                             seed: int = 0) -> Dataset:
+    """Fashion-MNIST with a caption per image built from its class (:func:`fashion_caption`, a fixed seed, so the
+    same image always has the same caption): the offline text-conditional data set. ``caption_column`` is unused."""
+    images = fashion_mnist_dataset(root, resolution, channels)
+    rng = np.random.default_rng(seed)
+    return Captioned(images, [fashion_caption(int(y), rng) for y in images.tensors[1]])
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "cifar10": cifar10_dataset,
     "imagefolder": imagefolder_dataset,
@@ -286,8 +319,9 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "fashion_mnist": fashion_mnist_dataset,
     "captions": captions_dataset,
     "hf_disk": hf_disk_dataset,
+    "fashion_captions": fashion_captions_dataset,
 }
-CAPTIONED = frozenset({"captions", "hf_disk"})  # datasets whose items carry a caption (a text teacher's condition)
+CAPTIONED = frozenset({"captions", "hf_disk", "fashion_captions"})  # datasets whose items carry a caption (a text teacher's condition)
 
 
 def make_dataset(name: str, root: str, resolution: int | None, channels: int, caption_column: str = "text") -> Dataset:

@@ -4,8 +4,8 @@ text-conditional teacher made offline needs, in the files diffusers' Stable Diff
 
 CLIP's tokenizer is byte-level BPE (Radford et al. 2021, after GPT-2): a word starts as its byte characters, the last
 one marked ``</w>``, and pairs are merged in the order of ``merges.txt``. The vocabulary here is the 256 byte
-characters (plain and word-final), so any text tokenizes, plus, for each word of the list, the merges that build it
-left to right: a listed word is one token, an unlisted one falls back to smaller pieces.
+characters (plain and word-final), so any text tokenizes, plus merges under which each word of the list is one token
+(:func:`word_merges`); an unlisted word falls back to smaller pieces.
 """
 from __future__ import annotations
 
@@ -30,16 +30,31 @@ def byte_characters() -> list[str]:
     return [table[b] for b in range(256)]
 
 
+def bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word's pieces: merge the present pair of lowest rank until none is in ``ranks``."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
-    """The merges that build each word (lower-cased ASCII) left to right, ending in its ``</w>`` piece; once each."""
-    merges: dict[tuple[str, str], None] = {}
+    """Merges under which each word (lower-cased ASCII) is one token: for each word in turn, the pieces the merges so
+    far leave it in are joined left to right by merges appended after all others. An appended merge ranks below
+    every earlier one, so it never changes how an earlier word is merged (BPE takes the present pair of lowest rank,
+    and an earlier word always has one until it is whole)."""
+    ranks: dict[tuple[str, str], int] = {}
     for w in words:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        pieces = bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
         cur = pieces[0]
         for p in pieces[1:]:
-            merges[(cur, p)] = None
+            ranks.setdefault((cur, p), len(ranks))
             cur += p
-    return list(merges)
+    return sorted(ranks, key=ranks.get)
 
 
 def write_clip_tokenizer(folder: str | Path, words: Iterable[str], max_length: int = 16):

@@ -344,3 +344,16 @@ def test_sample_prompt_for_text_student_and_teacher(text_run, sd_folder, tmp_pat
                                     "--steps", "3", "--guidance-scale", "3", "-o", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "t" / "samples.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def test_evaluating_a_text_run_is_refused_before_anything_is_written(sd_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from cmdistill.cli import main
+
+    recipe = tmp_path / "text.yaml"
+    recipe.write_text(TEXT_RECIPE.format(teacher=sd_folder, data=write_captions(tmp_path / "data", n=2),
+                                         cache=tmp_path / "cache").replace("at_end: false", "at_end: true"))
+    res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "not built yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

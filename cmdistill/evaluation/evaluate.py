@@ -418,7 +418,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     if run.classes is not None:
         classifier = class_classifier(run, search)
         report.update(classes=run.classes, guidance_scale=run.guidance_scale,
-                      class_accuracy_by="digits classifier" if classifier is not None else None)
+                      class_accuracy_by=f"{reference_data(run.recipe)} classifier" if classifier is not None else None)
     # 2. optional multistep-sigma search (stored only when asked)
     if search_sigmas:
         report["sigma_search"] = sigma_search(run, fid, max_steps, search_num or min(num, 500), search_candidates,

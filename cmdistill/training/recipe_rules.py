@@ -10,7 +10,7 @@ from .optim import LR_SCHEDULES, OPTIMIZERS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")   # accelerate's mixed_precision values the loop runs
 NONFINITE_MODES = ("stop", "skip")         # train.on_nonfinite: the loop's NonFiniteGuard
-TEACHER_MODELS = ("unet", "dit", "autoencoder")  # train-teacher's model key (cmdistill.training.teacher.teacher_tasks)
+TEACHER_MODELS = ("unet", "dit", "sd", "autoencoder")  # train-teacher's model key (cmdistill.training.teacher.teacher_tasks)
 
 
 def training_registries() -> dict:

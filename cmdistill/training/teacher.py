@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, NoiseConfig, TeacherRecipe, TransformerConfig, UNetConfig
+from ..config import ConfigError, NoiseConfig, TeacherRecipe, TextEncoderConfig, TransformerConfig, UNetConfig
 from ..core.networks import call_network, class_rows, image_shape, null_class, prepare_network
 from ..data import check_fits, make_dataset, num_labels, random_hflip
 from ..images import save_grid
@@ -53,8 +53,45 @@ def make_dit(cfg: TransformerConfig):
         raise ConfigError(f"bad 'transformer' section: {e}") from None
 
 
-# the denoising network of model: unet | dit, made from its recipe section
-NETWORKS: dict[str, Callable] = {"unet": lambda r: make_unet(r.unet), "dit": lambda r: make_dit(r.transformer)}
+def make_text_unet(r: TeacherRecipe):
+    """A fresh ``UNet2DConditionModel`` from ``text_unet``, cross-attending to the text encoder's width."""
+    from diffusers import UNet2DConditionModel
+
+    kw = dataclasses.asdict(r.text_unet)
+    kw.update(out_channels=kw["in_channels"], cross_attention_dim=r.text_encoder.hidden_size)
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        kw[k] = tuple(kw[k])
+    try:
+        return UNet2DConditionModel(**kw)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"bad 'text_unet' section: {e}") from None
+
+
+def make_prompt_encoder(cfg: TextEncoderConfig, words: list[str], folder: Path):
+    """The frozen text encoder of ``model: sd``: a tokenizer of ``words`` (:func:`~cmdistill.tokenizer.write_clip_tokenizer`)
+    and a ``CLIPTextModel`` at its ``cfg.seed`` random initialisation, written to ``folder`` (``tokenizer/``,
+    ``text_encoder/``: what the latent cache fingerprints) and returned as a
+    :class:`~cmdistill.prompts.PromptEncoder`. The same words, config and seed give the same files."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..prompts import TEXT_ENCODER, TOKENIZER, PromptEncoder
+    from ..tokenizer import write_clip_tokenizer
+
+    tok = write_clip_tokenizer(folder / TOKENIZER, words, cfg.max_length)
+    with torch.random.fork_rng():  # its own seed, the training's global RNG untouched
+        torch.manual_seed(cfg.seed)
+        enc = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            max_position_embeddings=cfg.max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id))
+    enc.save_pretrained(folder / TEXT_ENCODER, safe_serialization=True)
+    return PromptEncoder.from_pretrained(folder)
+
+
+# the denoising network of model: unet | dit | sd, made from its recipe section
+NETWORKS: dict[str, Callable] = {"unet": lambda r: make_unet(r.unet), "dit": lambda r: make_dit(r.transformer),
+                                 "sd": make_text_unet}
 
 
 def make_scheduler(cfg: NoiseConfig):
@@ -86,10 +123,10 @@ def ddpm_loss(unet, sched, x0: torch.Tensor, **cond) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0, classes: int | None = None,
-                        vae=None) -> torch.Tensor:
+                        vae=None, text: torch.Tensor | None = None) -> torch.Tensor:
     """``n`` deterministic DDIM samples of ``unet`` through the package's own teacher adapter and sampler; a
-    class-conditional ``unet`` draws class ``i % classes`` for image ``i``; a latent teacher's samples are decoded by
-    its ``vae``."""
+    class-conditional ``unet`` draws class ``i % classes`` for image ``i``, a text ``unet`` caption ``i % len(text)``
+    (``text``: their text-encoder states); a latent teacher's samples are decoded by its ``vae``."""
     from ..core.autoencoders import decode_latents
     from ..core.denoisers import build_denoiser
     from ..core.sampling import sample_ode, teacher_sigmas
@@ -98,6 +135,8 @@ def sample_teacher_grid(unet, sched, n: int, steps: int, seed: int = 0, classes:
     device = next(unet.parameters()).device
     noise = torch.randn(n, *image_shape(unet), generator=torch.Generator().manual_seed(seed))
     cond = {"class_labels": (torch.arange(n) % classes).to(device)} if classes else {}
+    if text is not None:
+        cond = {"encoder_hidden_states": text[torch.arange(n) % len(text)].to(device)}
     x = sample_ode(den, noise.to(device), teacher_sigmas(den, steps, spacing=None), "ddim", **cond)
     return x if vae is None else decode_latents(vae, x)
 
@@ -115,7 +154,7 @@ class TeacherTraining:
         unet = NETWORKS[recipe.model](recipe).to(accelerator.device)
         prepare_network(unet)
         channels, side, _ = image_shape(unet)
-        self.vae = None
+        self.vae, self.prompt_encoder, self.prompt_embeds = None, None, None
         if dataset is None:
             dataset = self.training_data(channels, side)
         self.dataset = dataset
@@ -135,6 +174,9 @@ class TeacherTraining:
         self.modules = {"ema": self.ema}
         self.generators = {"flip": self.flip_gen}
         self.batches = None
+        if self.prompt_encoder is not None:  # every caption's states (the cache's table) and the empty prompt's: the null one
+            self.prompt_embeds = dataset.prompt_embeds.to(accelerator.device)
+            self.null_embed = self.prompt_encoder.null().to(accelerator.device)
 
     def training_data(self, channels: int, side: int) -> Dataset:
         """The recipe's images (``model: unet`` in pixels), or their latents under ``latent.vae`` (encoded once into
@@ -149,17 +191,41 @@ class TeacherTraining:
             ds = make_dataset(dc.name, dc.root, side, channels)
             check_fits(ds, side, channels, dc.name)
             return ds
-        if r.model != "dit":
-            raise ConfigError("a latent teacher (latent.vae) is trained as 'model: dit' (exported as a DiTPipeline)")
+        if r.model not in ("dit", "sd"):
+            raise ConfigError("a latent teacher (latent.vae) is trained as 'model: dit' (exported as a DiTPipeline) "
+                              "or 'model: sd' (a StableDiffusionPipeline)")
         if dc.hflip:
             raise ConfigError("'data.hflip' would mirror latents, not images: set it false for a latent teacher")
         self.vae = load_vae(r.latent.vae, self.acc.device)
         pixels = make_dataset(dc.name, dc.root, dc.resolution or self.vae.config.sample_size,
-                              self.vae.config.in_channels)
+                              self.vae.config.in_channels, dc.caption_column)
+        text = {}
+        if r.model == "sd":
+            text = self.text_components(pixels)
         ds, folder = latent_dataset(pixels, r.latent.vae, dc.latent_cache, self.acc.device,
-                                    self.acc.is_main_process, self.acc.wait_for_everyone, self.acc.print, vae=self.vae)
+                                    self.acc.is_main_process, self.acc.wait_for_everyone, self.acc.print, vae=self.vae,
+                                    **text)
         check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
         return ds
+
+    def text_components(self, pixels: Dataset) -> dict:
+        """``model: sd``: the frozen prompt encoder over the captions' words, written to a folder of its own (made
+        again, identically, by a resumed run) for the latent cache to fingerprint and embed the captions with."""
+        import atexit
+        import shutil
+        import tempfile
+
+        if getattr(pixels, "prompts", None) is None:
+            raise ConfigError(f"'model: sd' learns from captions: data {self.recipe.data.name!r} has none (use "
+                              "fashion_captions, captions or hf_disk)")
+        words = sorted({w for p in pixels.prompts for w in p.lower().split()})
+        if any(not w.isascii() or not w.isalpha() for w in words):
+            raise ConfigError("'model: sd' writes its tokenizer from the captions' words: they must be ASCII letters")
+        folder = Path(tempfile.mkdtemp(prefix="cmdistill-text-"))
+        atexit.register(shutil.rmtree, folder, True)
+        self.prompt_encoder = make_prompt_encoder(self.recipe.text_encoder, words, folder)
+        self.prompt_encoder.text_encoder.to(self.acc.device)
+        return {"text_encoder": self.prompt_encoder, "text_folder": folder}
 
     def describe(self) -> list[str]:
         """The run's header: network, noise schedule, data."""
@@ -186,6 +252,10 @@ class TeacherTraining:
             drop = torch.rand(labels.shape[0]) < self.recipe.train.label_dropout
             labels = torch.where(drop, self.null, labels)
             cond = {"class_labels": labels.to(self.acc.device)}
+        if self.prompt_embeds is not None:  # the caption's states, dropped to the empty prompt's as labels are
+            emb = self.prompt_embeds[batch[2].to(self.acc.device)]
+            drop = (torch.rand(emb.shape[0]) < self.recipe.train.label_dropout).to(self.acc.device)
+            cond = {"encoder_hidden_states": torch.where(drop[:, None, None], self.null_embed, emb)}
         return ddpm_loss(self.model, self.scheduler, x0, **cond)
 
     def after_update(self) -> None:
@@ -198,7 +268,7 @@ class TeacherTraining:
         tc = self.recipe.train
         with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
             save_grid(sample_teacher_grid(self.ema.ema_model, self.scheduler, tc.num_sample_images, tc.sample_steps,
-                                          tc.seed, self.num_classes, self.vae), path)
+                                          tc.seed, self.num_classes, self.vae, self.prompt_embeds), path)
 
 
 def export_pipeline(unet, sched, folder: Path) -> Path:
@@ -211,23 +281,47 @@ def export_pipeline(unet, sched, folder: Path) -> Path:
     return folder
 
 
+def ddim_for(sched):
+    """The exported teacher's ``DDIMScheduler``: the training schedule's betas, ``clip_sample`` off. (DDPMScheduler's
+    default clips every predicted x0 to [-1, 1], which on latents of unit std would change what diffusers' pipelines
+    sample; cmdistill's ODE never clips, so the teacher would be two teachers.)"""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(sched.config, clip_sample=False)
+
+
 def export_dit_pipeline(transformer, vae, sched, folder: Path) -> Path:
     """Write a ``DiTPipeline`` folder (transformer/, vae/, scheduler/ as a ``DDIMScheduler`` of the same betas;
     safetensors)."""
-    from diffusers import DDIMScheduler, DiTPipeline
+    from diffusers import DiTPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
-    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(sched.config)).save_pretrained(
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=ddim_for(sched)).save_pretrained(
+        str(folder), safe_serialization=True)
+    return folder
+
+
+def export_sd_pipeline(unet, vae, prompt_encoder, sched, folder: Path) -> Path:
+    """Write a ``StableDiffusionPipeline`` folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/ as a
+    ``DDIMScheduler`` of the same betas; no safety checker; safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline(vae=vae, text_encoder=prompt_encoder.text_encoder, tokenizer=prompt_encoder.tokenizer,
+                            unet=unet, scheduler=ddim_for(sched), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(
         str(folder), safe_serialization=True)
     return folder
 
 
 def export_teacher(task: TeacherTraining, out: Path) -> Path:
     """The EMA weights in ``train.export_dir`` (default ``<output_dir>/pipeline``): a ``DDPMPipeline`` of a pixel
-    U-Net, a ``DiTPipeline`` of a latent DiT."""
+    U-Net, a ``DiTPipeline`` of a latent DiT, a ``StableDiffusionPipeline`` of a text U-Net."""
     tc = task.recipe.train
     folder = Path(tc.export_dir) if tc.export_dir else out / "pipeline"
     net = copy.deepcopy(task.ema.ema_model).eval()
+    if task.prompt_encoder is not None:
+        return export_sd_pipeline(net, task.vae, task.prompt_encoder, task.scheduler, folder)
     if task.vae is not None:
         return export_dit_pipeline(net, task.vae, task.scheduler, folder)
     return export_pipeline(net, task.scheduler, folder)
@@ -238,4 +332,5 @@ def teacher_tasks() -> dict:
     from .autoencoder import AutoencoderTraining, export_autoencoder
 
     return {"unet": (TeacherTraining, export_teacher), "dit": (TeacherTraining, export_teacher),
+            "sd": (TeacherTraining, export_teacher),
             "autoencoder": (AutoencoderTraining, export_autoencoder)}
