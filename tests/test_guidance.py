@@ -83,7 +83,7 @@ def test_guidance_needs_a_conditional_teacher(tiny_teacher_dir, tmp_path):
 
     res = CliRunner().invoke(main, ["distill", str(REPO / "recipes" / "digits.yaml"), "-o", str(tmp_path / "run"), "--set",
                                     f"teacher.path={tiny_teacher_dir}", "--set", "guidance.scale=2"])
-    assert res.exit_code == 2 and "is not class-conditional" in res.stderr
+    assert res.exit_code == 2 and "is not conditional" in res.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -187,7 +187,7 @@ def test_range_of_w_recipe_checks(tiny_teacher_dir, tmp_path):
     for sets, msg in ((["guidance.w_min=1"], "go together"),
                       (["guidance.w_min=3", "guidance.w_max=2"], "must be below"),
                       (["guidance.w_min=2", "guidance.w_max=4", "guidance.scale=1"], "must lie in"),
-                      (["guidance.w_min=1", "guidance.w_max=4"], "is not class-conditional")):
+                      (["guidance.w_min=1", "guidance.w_max=4"], "is not conditional")):
         args = base + [a for s in sets for a in ("--set", s)]
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 2 and msg in res.stderr, (sets, res.output)

@@ -70,7 +70,8 @@ def assert_same_images(p, q, calls):
 
 def test_components_and_from_pipe_rebuild_the_same_pipeline(case):
     pipe, calls = case
-    assert set(pipe.components) == {"unet", "transformer", "consistency_config", "guidance_embedding", "vae"}
+    assert set(pipe.components) == {"unet", "transformer", "consistency_config", "guidance_embedding", "vae",
+                                    "text_encoder", "tokenizer", "scheduler"}
     assert pipe.transformer is None and pipe.vae is None and pipe.network is pipe.unet
     for rebuilt in (ConsistencyPipeline(**pipe.components), ConsistencyPipeline.from_pipe(pipe)):
         assert all(rebuilt.components[k] is v for k, v in pipe.components.items())  # shared, as in diffusers
