@@ -27,18 +27,23 @@ from .ema import make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
 
 
+def build_unet(cls, section: str, kw: dict):
+    """``cls(**kw)`` for a diffusers U-Net of a recipe section (``out_channels`` = ``in_channels``, block lists as
+    tuples); a shape error is one recipe line naming ``section``."""
+    kw = {**kw, "out_channels": kw["in_channels"]}
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+        kw[k] = tuple(kw[k])
+    try:
+        return cls(**kw)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"bad '{section}' section: {e}") from None
+
+
 def make_unet(cfg: UNetConfig):
     """A fresh ``UNet2DModel`` from the recipe (shape errors become one-line recipe errors)."""
     from diffusers import UNet2DModel
 
-    kw = dataclasses.asdict(cfg)
-    kw["out_channels"] = kw["in_channels"]
-    for k in ("block_out_channels", "down_block_types", "up_block_types"):
-        kw[k] = tuple(kw[k])
-    try:
-        return UNet2DModel(**kw)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ConfigError(f"bad 'unet' section: {e}") from None
+    return build_unet(UNet2DModel, "unet", dataclasses.asdict(cfg))
 
 
 def make_dit(cfg: TransformerConfig):
@@ -57,14 +62,8 @@ def make_text_unet(r: TeacherRecipe):
     """A fresh ``UNet2DConditionModel`` from ``text_unet``, cross-attending to the text encoder's width."""
     from diffusers import UNet2DConditionModel
 
-    kw = dataclasses.asdict(r.text_unet)
-    kw.update(out_channels=kw["in_channels"], cross_attention_dim=r.text_encoder.hidden_size)
-    for k in ("block_out_channels", "down_block_types", "up_block_types"):
-        kw[k] = tuple(kw[k])
-    try:
-        return UNet2DConditionModel(**kw)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ConfigError(f"bad 'text_unet' section: {e}") from None
+    return build_unet(UNet2DConditionModel, "text_unet",
+                      {**dataclasses.asdict(r.text_unet), "cross_attention_dim": r.text_encoder.hidden_size})
 
 
 def make_prompt_encoder(cfg: TextEncoderConfig, words: list[str], folder: Path):
