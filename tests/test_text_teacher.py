@@ -357,3 +357,8 @@ def test_evaluating_a_text_run_is_refused_before_anything_is_written(sd_folder, 
     res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp_path / "run")])
     assert res.exit_code == 2 and "not built yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_text_student_card_says_how_to_prompt_it(text_run):
+    card = (text_run / "run" / "student" / "README.md").read_text()
+    assert "text-to-image" in card and 'prompt="' in card and "LatentConsistencyModelPipeline" in card

@@ -189,9 +189,12 @@ def _component(index: dict, name: str) -> bool:
 class ConsistencyPipeline(DiffusionPipeline):
     """One- or few-step sampling with a consistency model (CM Algorithm 1).
 
-    Components: the student's network as ``unet`` (a ``UNet2DModel``) or ``transformer`` (a DiT), as diffusers names
-    them; ``consistency_config`` (how its output becomes the consistency function); ``guidance_embedding`` for a
-    student that takes the guidance scale as an input; ``vae`` for a latent student, whose samples it decodes.
+    Components: the student's network as ``unet`` (a ``UNet2DModel`` or ``UNet2DConditionModel``) or ``transformer``
+    (a DiT), as diffusers names them; ``consistency_config`` (how its output becomes the consistency function);
+    ``guidance_embedding`` for a student that takes the guidance scale as an input through hooks (a text U-Net takes
+    it natively, ``time_cond_proj_dim``); ``vae`` for a latent student, whose samples it decodes; ``text_encoder``,
+    ``tokenizer`` and ``scheduler`` (an ``LCMScheduler``) for a text student, which makes the folder a
+    ``LatentConsistencyModelPipeline`` too.
 
     >>> pipe = ConsistencyPipeline.from_pretrained("runs/cd/student")
     >>> images = pipe(batch_size=16, num_inference_steps=1, generator=torch.manual_seed(0)).images
@@ -519,8 +522,11 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
     c, h, w = pipe.image_shape
     stored = pipe.multistep_sigmas
     conditional = class_rows(pipe.network) is not None
-    tag = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
-    call = "batch_size=16, num_inference_steps=1" + (", class_labels=3" if conditional else "")
+    text = "encoder_hidden_states" in condition_keys(pipe.network)
+    tag = ("text-to-image" if text else "class-conditional-image-generation" if conditional
+           else "unconditional-image-generation")
+    call = ("prompt=\"a photo of a sneaker\", num_images_per_prompt=4, num_inference_steps=1" if text else
+            "batch_size=16, num_inference_steps=1" + (", class_labels=3" if conditional else ""))
     if fn.guidance_range is not None:
         call += f", guidance_scale={fn.guidance_scale:g}"
         about_w = (f" It takes the classifier-free guidance scale as an input: any `guidance_scale` in "
@@ -539,6 +545,9 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
         f"(EDM units), boundary `{fn.boundary}`"
         + (", sampling starts from the data mean plus noise" if fn.prior_mean is not None else "") + "."
         + (" It is class-conditional (`class_labels`: one int, a list or a tensor)." if conditional else "")
+        + (" It is text-conditional (`prompt` or `prompt_embeds`); the same folder loads in diffusers' "
+           "`LatentConsistencyModelPipeline` (with `safety_checker=None, feature_extractor=None, "
+           "requires_safety_checker=False`), which samples it the same way." if text else "")
         + about_w, "",
         "## Use", "", "```python", "import cmdistill  # registers ConsistencyPipeline with diffusers",
         "from diffusers import DiffusionPipeline", "",

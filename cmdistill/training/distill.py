@@ -67,6 +67,9 @@ def build_data(recipe: Recipe, teacher, vae=None, acc=None, prompts=None) -> Dat
     dc = recipe.data
     if vae is not None:
         return latent_data(recipe, teacher, vae, acc, prompts)
+    if text_teacher(teacher):
+        raise DataError(f"the text-conditional teacher {recipe.teacher.path!r} has no vae/: cmdistill reads text "
+                        "teachers in the StableDiffusionPipeline layout (unet, vae, text_encoder, tokenizer, scheduler)")
     if dc.resolution is not None and dc.resolution != resolution:
         raise DataError(f"data.resolution is {dc.resolution} but the teacher {recipe.teacher.path!r} works at "
                         f"{resolution}x{resolution}; set data.resolution to {resolution} or null")
@@ -90,7 +93,7 @@ def latent_data(recipe: Recipe, teacher, vae, acc, prompts=None) -> Dataset:
     texts = text_teacher(teacher)
     if texts != (getattr(pixels, "prompts", None) is not None):
         raise DataError(f"the teacher {recipe.teacher.path!r} is text-conditional: it needs captioned data "
-                        "(data.name captions or hf_disk)" if texts else
+                        "(data.name captions, hf_disk or fashion_captions)" if texts else
                         f"data {dc.name!r} is captioned but the teacher {recipe.teacher.path!r} takes no text")
     text_kw = dict(text_encoder=prompts, text_folder=teacher_autoencoder(recipe.teacher.path).parent) if texts else {}
     ds, folder = latent_dataset(pixels, teacher_autoencoder(recipe.teacher.path), dc.latent_cache, device, main,
