@@ -54,16 +54,24 @@ class _ImageFiles(Dataset):
 
         try:
             with Image.open(self.files[i]) as im:
-                im = im.convert(self.mode)
-                w, h = im.size
-                s = min(w, h)
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
-                a = np.asarray(im, dtype=np.float32) / 127.5 - 1
+                x = square_image(im, self.mode, self.resolution)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable or truncated files
             raise DataError(f"cannot read image {str(self.files[i])!r}: {type(e).__name__}: {e}") from None
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(a)), torch.tensor(self.labels[i])
+        return x, torch.tensor(self.labels[i])
+
+
+def square_image(im, mode: str, resolution: int) -> torch.Tensor:
+    """A PIL image in ``mode``, centre-cropped to a square, resized (bicubic) to ``resolution``, as a
+    ``[C, H, W]`` tensor in [-1, 1]."""
+    from PIL import Image
+
+    im = im.convert(mode)
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    a = np.asarray(im.resize((resolution, resolution), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def imagefolder_dataset(root: str, resolution: int | None = None, channels: int = 3) -> Dataset:
@@ -184,15 +192,7 @@ class _HFImages(Dataset):
         return len(self.table)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        im = self.table[i][self.column].convert(self.mode)
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        a = np.asarray(im.resize((self.resolution, self.resolution), Image.BICUBIC), dtype=np.float32) / 127.5 - 1
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(a)), torch.tensor(self.labels[i])
+        return square_image(self.table[i][self.column], self.mode, self.resolution), torch.tensor(self.labels[i])
 
 
 def hf_disk_dataset(root: str, resolution: int | None = None, channels: int = 3, caption_column: str = "text"):
