@@ -209,7 +209,7 @@ class Distillation:
                                         generator=torch.Generator().manual_seed(tc.seed)).to(device)
         self.batches = None
         self.conditional = class_rows(self.teacher.net) is not None
-        self.text = text_teacher(self.teacher)
+        self.text = self.prompt_encoder is not None
         self.sample_cond = {}
         if self.text:  # a text student's grids: one distinct caption per column, cycling through them
             table = self.dataset.prompt_embeds

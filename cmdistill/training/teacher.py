@@ -218,11 +218,12 @@ class TeacherTraining:
             raise ConfigError(f"'model: sd' learns from captions: data {self.recipe.data.name!r} has none (use "
                               "fashion_captions, captions or hf_disk)")
         words = sorted({w for p in pixels.prompts for w in p.lower().split()})
-        if any(not w.isascii() or not w.isalpha() for w in words):
-            raise ConfigError("'model: sd' writes its tokenizer from the captions' words: they must be ASCII letters")
         folder = Path(tempfile.mkdtemp(prefix="cmdistill-text-"))
         atexit.register(shutil.rmtree, folder, True)
-        self.prompt_encoder = make_prompt_encoder(self.recipe.text_encoder, words, folder)
+        try:
+            self.prompt_encoder = make_prompt_encoder(self.recipe.text_encoder, words, folder)
+        except ValueError as e:  # the tokenizer's check of the captions' words, or a text_encoder shape error
+            raise ConfigError(f"'model: sd' text encoder and tokenizer: {e}") from None
         self.prompt_encoder.text_encoder.to(self.acc.device)
         return {"text_encoder": self.prompt_encoder, "text_folder": folder}
 
