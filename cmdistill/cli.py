@@ -325,14 +325,17 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
               help="Instead: score the evaluation-EMA weights of these saved checkpoints (read only) and write "
                    "curve.json and curve.png.")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None, metavar="W", show_default=True,
-              help="Class-conditional run: evaluate teacher and student at this classifier-free guidance scale "
+              help="Conditional run: evaluate teacher and student at this classifier-free guidance scale "
                    "(default: the student's own w; an explicit W writes report-wW.json/.md, side_by_side-wW.png).")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None, metavar="FILE", show_default=True,
+              help="Text-conditional run: evaluate on these prompts, one per line, taken in turn (default: the "
+                   "captions of the eval data, image by image).")
 @click.option("--device", default=None, show_default=True, help=DEVICE_HELP)
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS even when its weights are cached.")
 @friendly_errors
 def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, teacher_steps, teacher_spacing,
              max_steps, search_sigmas, store, search_num, search_candidates, seed, seeds, baseline_nfe, checkpoints,
-             guidance_scale, device, no_lpips):
+             guidance_scale, prompts, device, no_lpips):
     """Measure a run: the student at 1…K steps against the teacher's DDIM-k and 50-step samplers and the
     training-free baselines (DPM-Solver++ 2M, UniPC, Heun-Karras): FID, precision, recall, paired distances to the
     teacher from the same noise, images/s, headline speed-ups. Writes report.json, report.md and side_by_side.png
@@ -359,6 +362,9 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
     if checkpoints is not None:
         from .evaluation.curve import evaluate_checkpoints
 
+        if prompts is not None:
+            raise EvalError("--prompts applies to the full evaluation, not to --checkpoints")
+
         evaluate_checkpoints(Path(run_dir), checkpoints, num, batch_size, feature_net, seed, device,
                              echo=click.echo, guidance_scale=guidance_scale)
         return
@@ -366,7 +372,7 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
         raise EvalError("--store writes sigmas searched at the student's own guidance scale; drop --guidance-scale")
     run(Path(run_dir), num, batch_size, max_steps, teacher_steps, teacher_sampler, teacher_spacing, feature_net,
         teacher, search_sigmas, search_num, search_candidates, seed, device, not no_lpips, echo=click.echo,
-        store_sigmas=store, seeds=seeds, baseline_nfe=nfe, guidance_scale=guidance_scale)
+        store_sigmas=store, seeds=seeds, baseline_nfe=nfe, guidance_scale=guidance_scale, prompts=prompts)
 
 
 @main.command("train-classifier")

@@ -134,6 +134,14 @@ class Captioned(Dataset):
     def __len__(self):
         return len(self.images)
 
+    @property
+    def labels(self) -> list[int]:
+        """Each image's class label (0 for a folder without a ``label`` column)."""
+        tensors = getattr(self.images, "tensors", None)
+        if tensors is not None and len(tensors) > 1:
+            return tensors[1].tolist()
+        return [int(self.images[i][1]) for i in range(len(self))]
+
     def __getitem__(self, i):
         x, y, *_ = self.images[i]
         return x, y, self.prompt_ids[i]

@@ -201,7 +201,8 @@ def test_run_batches_hands_each_batch_its_own_labels():
         return class_labels.float().reshape(-1, 1, 1, 1).expand_as(z) / 10
 
     labels = torch.arange(23) % 10
-    x, _ = run_batches(fn, torch.zeros(23, 1, 2, 2), torch.Generator(), 5, "cpu", "t", False, labels)
+    x, _ = run_batches(fn, torch.zeros(23, 1, 2, 2), torch.Generator(), 5, "cpu", "t", False,
+                       {"class_labels": labels})
     assert torch.equal(x[:, 0, 0, 0], labels.float() / 10)
 
 

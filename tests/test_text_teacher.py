@@ -346,17 +346,65 @@ def test_sample_prompt_for_text_student_and_teacher(text_run, sd_folder, tmp_pat
     assert np.load(tmp_path / "t" / "samples.npz")["images"].shape == (2, 16, 16, 3)
 
 
-def test_evaluating_a_text_run_is_refused_before_anything_is_written(sd_folder, tmp_path):
+def test_the_checkpoint_curve_of_a_text_run_is_refused_before_anything_is_written(sd_folder, tmp_path):
     from click.testing import CliRunner
 
     from cmdistill.cli import main
 
     recipe = tmp_path / "text.yaml"
     recipe.write_text(TEXT_RECIPE.format(teacher=sd_folder, data=write_captions(tmp_path / "data", n=2),
-                                         cache=tmp_path / "cache").replace("at_end: false", "at_end: true"))
+                                         cache=tmp_path / "cache").replace("at_end: false", "curve: true"))
     res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp_path / "run")])
     assert res.exit_code == 2 and "not built yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+class MeanColour(torch.nn.Module):
+    """A 3-number feature net (each channel's mean), enough for FID on a handful of images."""
+
+    def forward(self, x):
+        return x.float().mean(dim=(2, 3))
+
+
+class AlwaysRedBag(torch.nn.Module):
+    """A 'classifier' that answers class 1 (the folder's label of "a red bag") for every image."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.ones(len(x), dtype=torch.long), 2).float()
+
+
+def test_a_text_run_is_evaluated_on_its_captions_with_prompt_agreement(text_run, sd_folder, monkeypatch):
+    """``evaluate`` on a text run: sample i gets image i's caption (sneaker, bag, sneaker, ...), embedded as diffusers
+    does; the teacher's samplers are guided at the student's w; prompt agreement is the share of samples the
+    classifier puts in their prompt's class (always "bag": exactly 1/2 on the captions, 1 on a file of bags), and
+    a file of prompts the data do not know gives no agreement."""
+    import json
+
+    import cmdistill.evaluation.evaluate as E
+    from cmdistill.teachers import text_encoder
+
+    monkeypatch.setattr(E, "class_classifier", lambda run, search: AlwaysRedBag())
+    run_dir = text_run / "run"
+    kw = dict(num_samples=6, batch_size=6, max_steps=2, teacher_steps=4, feature_net=MeanColour(), use_lpips=False,
+              baselines=["dpm++2m"], baseline_nfe=[2], progress=False, echo=lambda s: None)
+    rep = E.evaluate(run_dir, **kw)
+    assert rep["guidance_scale"] == 3.0 and rep["prompts"]["count"] == 2 and rep["prompts"]["with_classes"]
+    assert {"teacher-ddim-4", "student-1", "student-2", "dpm++2m-2"} <= set(rep["samplers"])
+    assert all(e["class_accuracy"] == pytest.approx(0.5) for e in rep["samplers"].values())
+    assert "Prompt agreement" in (run_dir / "report.md").read_text()
+    run = E.load_run(run_dir, None, "cpu")
+    states = text_encoder(sd_folder)(["a photo of a sneaker", "a red bag"] * 2)
+    torch.testing.assert_close(run.conditions(4)["encoder_hidden_states"], states)
+    assert run.labels(4).tolist() == [0, 1, 0, 1]
+    (text_run / "bags.txt").write_text("a red bag\n\n")
+    rep = E.evaluate(run_dir, prompts=str(text_run / "bags.txt"), **kw)
+    assert all(e["class_accuracy"] == 1.0 for e in rep["samplers"].values())
+    (text_run / "other.txt").write_text("a red bag\na green hat\n")
+    rep = E.evaluate(run_dir, prompts=str(text_run / "other.txt"), **kw)
+    assert rep["prompts"]["count"] == 2 and not any("class_accuracy" in e for e in rep["samplers"].values())
+    with pytest.raises(E.EvalError, match="no prompts"):
+        (text_run / "empty.txt").write_text("\n")
+        E.evaluate(run_dir, prompts=str(text_run / "empty.txt"), **kw)
 
 
 def test_text_student_card_says_how_to_prompt_it(text_run):

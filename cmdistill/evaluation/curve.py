@@ -133,7 +133,7 @@ def evaluate_checkpoints(run_dir: str | Path, which: str = "all", num_samples: i
             z, _ = initial_noise(num, run.shape, seed)
             x, _ = run_batches(student_fn(pipe, sig[k], guidance_scale=run.guidance_scale), z,
                                torch.Generator().manual_seed(seed + 1), batch_size, device, f"{ckpt.name} {k}-step",
-                               False, run.labels(num), latent_decoder(run.vae))
+                               False, run.conditions(num), latent_decoder(run.vae))
             row[str(k)] = meter.score(x)
         curve["checkpoints"].append(row)
         echo(f"{ckpt.name}: " + "; ".join(f"{k}-step FID {row[str(k)]['fid']:.3f} precision "

@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
-from ..core.networks import class_rows, image_shape
+from ..core.networks import class_rows, condition_keys, image_shape
 from ..export.pipeline import config_file
 from ..machine import machine_fingerprint
 from .baselines import make_baselines, student_start, teacher_start
 from .baselines import teacher_sampler as start_sampler
-from .features import CLASSIFIERS, FIDMeter, accuracy, find_classifier, load_classifier, real_vs_real
+from .features import CLASSIFIERS, FIDMeter, accuracy, classifier_data, find_classifier, load_classifier, real_vs_real
 from .generate import initial_noise, latent_decoder, load_student, run_batches, student_fn, teacher_fn
 from .report import headline, headline_table, report_table, side_by_side, write_report
 
@@ -163,11 +163,51 @@ class EvalRun:
     guidance_scale: float | None = None   # class-conditional: the classifier-free guidance scale w evaluated
     guided: nn.Module | None = None       # the teacher the training-free samplers run: CFG at w (else: teacher)
     vae: nn.Module | None = None          # a latent teacher's autoencoder: every sample is decoded to pixels
+    prompts: "PromptSet | None" = None    # a text-conditional run's prompts (sample i gets one of them)
 
     def labels(self, num: int) -> torch.Tensor | None:
-        """The class of each of ``num`` samples: ``0, 1, …, classes - 1, 0, 1, …`` (balanced); ``None`` when
-        unconditional."""
+        """The class each of ``num`` samples is asked for: ``0, 1, …, classes - 1, 0, 1, …`` (balanced) in a
+        class-conditional run, the class of its prompt in a text run whose prompts all have one; else ``None``."""
+        if self.prompts is not None:
+            return self.prompts.labels(num)
         return None if self.classes is None else torch.arange(num) % self.classes
+
+    def conditions(self, num: int) -> dict | None:
+        """Each of ``num`` samples' condition, by diffusers' argument name: ``class_labels`` (class-conditional),
+        ``encoder_hidden_states`` (text: its prompt's text-encoder states); ``None`` when unconditional."""
+        if self.prompts is not None:
+            return {"encoder_hidden_states": self.prompts.states(num)}
+        labels = self.labels(num)
+        return None if labels is None else {"class_labels": labels}
+
+
+@dataclass
+class PromptSet:
+    """The prompts of a text-conditional evaluation: ``texts``, their text-encoder states ``embeds`` ``[P, L, D]``,
+    the prompt of each sample (``order``, cycled), and each prompt's class where the data give one (``classes``:
+    ``None`` entries for prompts of no single class; ``None`` when the data have no classes)."""
+
+    texts: list[str]
+    embeds: torch.Tensor
+    order: torch.Tensor
+    classes: list[int | None] | None
+    source: str
+
+    def index(self, num: int) -> torch.Tensor:
+        return self.order[torch.arange(num) % len(self.order)]
+
+    def states(self, num: int) -> torch.Tensor:
+        return self.embeds[self.index(num)]
+
+    def labels(self, num: int) -> torch.Tensor | None:
+        """Each sample's prompt class (``None`` unless every prompt has one: agreement needs them all)."""
+        if self.classes is None or any(c is None for c in self.classes):
+            return None
+        return torch.tensor(self.classes)[self.index(num)]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "count": len(self.texts), "examples": self.texts[:5],
+                "with_classes": self.classes is not None and all(c is not None for c in self.classes)}
 
 
 @dataclass
@@ -183,10 +223,12 @@ class Sampler:
 
 
 def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool = True,
-             guidance_scale: float | None = None) -> EvalRun:
+             guidance_scale: float | None = None, prompts: str | None = None) -> EvalRun:
     """Recipe, student pipeline, teacher and real images of a run (one-line errors for anything missing). Without
-    ``need_student`` a run whose student is not exported yet loads with ``pipe = None``. A class-conditional run is
-    evaluated at ``guidance_scale`` (default: the student's own, else the recipe's ``guidance.scale``)."""
+    ``need_student`` a run whose student is not exported yet loads with ``pipe = None``. A class-conditional or text
+    run is evaluated at ``guidance_scale`` (default: the student's own, else the recipe's ``guidance.scale``); a text
+    run on the prompts of the file ``prompts`` (one per line), else on the captions of its data
+    (:func:`prompt_set`)."""
     from ..config import read_recipe
     from ..data import make_dataset, num_labels
     from ..latents import load_teacher_vae
@@ -206,13 +248,18 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
         raise EvalError(f"the student's network works at {image_shape(pipe.network)}, the teacher's at {shape}")
     vae = load_teacher_vae(str(teacher_path), device)
     channels, side = (shape[0], shape[1]) if vae is None else (vae.config.in_channels, vae.config.sample_size)
-    ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or side, channels)
+    ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or side, channels,
+                      recipe.data.caption_column)
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
     run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher, vae=vae)
-    if class_rows(teacher.net) is not None:
+    if "encoder_hidden_states" in condition_keys(teacher.net):
+        text_run(run, ds, guidance_scale, prompts)
+    elif prompts is not None:
+        raise EvalError("--prompts applies to a text-conditional run; this teacher takes no text")
+    elif class_rows(teacher.net) is not None:
         condition_run(run, num_labels(ds), guidance_scale)
     elif guidance_scale is not None:
-        raise EvalError("--guidance-scale applies to a class-conditional run; this teacher is unconditional")
+        raise EvalError("--guidance-scale applies to a conditional run; this teacher is unconditional")
     return run
 
 
@@ -244,6 +291,71 @@ def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> N
             raise EvalError(str(e)) from None
     run.classes, run.guidance_scale = classes, w
     run.guided = guided_teacher(run.teacher, w, run.recipe.guidance.null_class)
+
+
+def text_run(run: EvalRun, ds, guidance_scale: float | None, prompts: str | None) -> None:
+    """Set up a text-conditional run: its prompt set (:func:`prompt_set`), the guidance scale ``w`` evaluated and
+    the teacher with classifier-free guidance at ``w`` against the empty prompt (one-line errors for a student that
+    cannot sample it)."""
+    from ..core.guidance import guided_teacher
+    from ..teachers import text_encoder
+
+    if run.pipe is not None and "encoder_hidden_states" not in condition_keys(run.pipe.network):
+        raise EvalError("the teacher is text-conditional but the student is not; evaluate it with its own teacher "
+                        "(--teacher)")
+    fn = run.pipe.consistency_function if run.pipe is not None else None
+    w = guidance_scale if guidance_scale is not None else (fn.guidance_scale if fn is not None else None)
+    w = float(w if w is not None else run.recipe.guidance.scale)
+    if run.pipe is not None:
+        try:
+            run.pipe.guidance(w)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    run.prompts = prompt_set(ds, text_encoder(run.teacher_path, run.device), prompts)
+    run.guidance_scale = w
+    run.guided = guided_teacher(run.teacher, w)
+
+
+def prompt_set(ds, encoder, path: str | None = None) -> PromptSet:
+    """The prompts a text run is evaluated on: the lines of the file ``path`` (blank lines skipped), taken in turn,
+    or else the captions of the data's images in order (sample ``i`` gets image ``i``'s caption, so the prompts
+    follow the data's own caption and class frequencies). A prompt's class is the label of the data's images
+    captioned with it when they all share one and the data have more than one class (what the prompt agreement
+    needs); ``encoder`` embeds each distinct prompt once."""
+    captions = getattr(ds, "prompts", None)
+    ids = getattr(ds, "prompt_ids", None)
+    owner = caption_classes(ds) if captions is not None else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise EvalError(f"--prompts {path!r}: no such file (one prompt per line)")
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise EvalError(f"--prompts {path!r} has no prompts (one per line)")
+        order, source = torch.arange(len(texts)), f"file {path}"
+    elif captions is None:
+        raise EvalError("a text-conditional run is evaluated on prompts: give captioned eval data (eval.data) or "
+                        "--prompts FILE (one prompt per line)")
+    else:
+        texts, order, source = list(captions), ids.clone(), "the captions of the eval data, image by image"
+    classes = [owner.get(t) for t in texts] if owner else None
+    with torch.no_grad():
+        embeds = torch.cat([encoder(texts[i:i + 64]) for i in range(0, len(texts), 64)])
+    return PromptSet(texts, embeds, order, classes, source)
+
+
+def caption_classes(ds) -> dict[str, int]:
+    """Caption -> class for a captioned data set's captions whose images all have one label; empty when the data
+    have one class only (a folder without a ``label`` column)."""
+    labels = torch.as_tensor(ds.labels)
+    if int(labels.max()) == int(labels.min()):
+        return {}
+    out = {}
+    for i, text in enumerate(ds.prompts):
+        mine = labels[ds.prompt_ids == i].unique()
+        if len(mine) == 1:
+            out[text] = int(mine[0])
+    return out
 
 
 def load_run_without_student(run_dir: Path, device, guidance_scale: float | None = None) -> EvalRun:
@@ -281,7 +393,7 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
     def score(sig):
         z, g = initial_noise(num, run.shape, z_seed)
         return fid(run_batches(student_fn(run.pipe, sig, guidance_scale=run.guidance_scale), z, g, batch_size,
-                               run.device, "search", False, run.labels(num), latent_decoder(run.vae))[0])
+                               run.device, "search", False, run.conditions(num), latent_decoder(run.vae))[0])
 
     res = search_multistep_sigmas(score, fn.sigma_max, candidate_taus(fn.sigma_min, fn.sigma_max, candidates),
                                   max_steps, echo)
@@ -352,13 +464,13 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
     reference sampler of the same start (``Sampler.ref``) and images per second (first seed). Returns
     ``(entries, images of the first seed)``."""
     entries, images = {}, {}
-    labels = run.labels(num)
+    labels, conditions = run.labels(num), run.conditions(num)
     for s in samplers:
         scores, speeds = [], []
         for i, seed in enumerate(seeds):
             z, _ = initial_noise(num, run.shape, seed)
             x, ips = run_batches(s.fn, z, torch.Generator().manual_seed(seed + 1), batch_size, run.device,
-                                 s.name, progress, labels, latent_decoder(run.vae))
+                                 s.name, progress, conditions, latent_decoder(run.vae))
             scores.append(fid.score(x))
             if labels is not None and classifier is not None:
                 scores[-1]["class_accuracy"] = accuracy(classifier, x, labels)
@@ -387,7 +499,8 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
              search_candidates: int = 12, seed: int = 0, device=None, use_lpips: bool = True,
              echo: Callable[[str], None] = print, progress: bool = True, store_sigmas: bool = False,
              seeds: int | None = None, baseline_nfe: list[int] | None = None,
-             baselines: list[str] | None = None, guidance_scale: float | None = None) -> dict:
+             baselines: list[str] | None = None, guidance_scale: float | None = None,
+             prompts: str | None = None) -> dict:
     """Evaluate the run in ``run_dir`` (its ``recipe.yaml`` names the teacher, data and eval settings; arguments
     left ``None`` come from there). Writes ``report.json``, ``report.md`` and ``side_by_side.png``; returns the
     report. Nothing else in the run changes, unless ``search_sigmas`` and ``store_sigmas`` are both set.
@@ -397,10 +510,15 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     guidance at ``guidance_scale`` (default: the student's own ``w``), adds the class accuracy of every sampler
     (digits data: the shipped digits classifier) and shows one column per class in ``side_by_side.png``. An explicit
     ``guidance_scale`` writes ``report-w<W>.json``/``.md`` and ``side_by_side-w<W>.png`` instead, so a sweep over
-    ``w`` keeps the run's own report."""
+    ``w`` keeps the run's own report.
+
+    A text-conditional run samples a prompt set (:func:`prompt_set`: the file ``prompts``, one per line, else the
+    captions of the eval data image by image), with the teacher's samplers guided against the empty prompt, and where
+    every prompt has a class of the data reports the prompt agreement: the share of samples the data's classifier
+    assigns to their prompt's class (the ``class_accuracy`` column)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # 1. the run, its eval settings, the real features
-    run = load_run(Path(run_dir), teacher_path, device, guidance_scale=guidance_scale)
+    run = load_run(Path(run_dir), teacher_path, device, guidance_scale=guidance_scale, prompts=prompts)
     suffix = f"-w{run.guidance_scale:g}" if guidance_scale is not None else ""
     ec = run.recipe.eval
     num, batch_size = num_samples or ec.num_samples, batch_size or ec.batch_size
@@ -415,10 +533,12 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
                     "teacher_spacing": teacher_spacing, "baselines": baselines, "baseline_nfe": baseline_nfe,
                     **feature_facts(feature_net, run, seed, search, num), "machine": machine_fingerprint(device)}
     classifier = None
-    if run.classes is not None:
-        classifier = class_classifier(run, search)
+    if run.classes is not None or run.prompts is not None:
+        classifier = class_classifier(run, search) if run.labels(2) is not None else None
         report.update(classes=run.classes, guidance_scale=run.guidance_scale,
                       class_accuracy_by=f"{reference_data(run.recipe)} classifier" if classifier is not None else None)
+    if run.prompts is not None:
+        report["prompts"] = run.prompts.describe()
     # 2. optional multistep-sigma search (stored only when asked)
     if search_sigmas:
         report["sigma_search"] = sigma_search(run, fid, max_steps, search_num or min(num, 500), search_candidates,
@@ -467,7 +587,7 @@ def class_classifier(run: EvalRun, search: list) -> nn.Module | None:
     """The classifier that judges a conditional run's classes: the shipped one of its data set (digits,
     Fashion-MNIST: :data:`~cmdistill.evaluation.features.CLASSIFIERS`), ``None`` (no class accuracy) for other data,
     for which cmdistill ships none, and for images of another size than the classifier's."""
-    name = reference_data(run.recipe)
+    name = classifier_data(reference_data(run.recipe))
     if name not in CLASSIFIERS or CLASSIFIERS[name].side != run.real.shape[-1]:
         return None
     folder = find_classifier(name, search)

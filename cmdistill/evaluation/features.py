@@ -141,6 +141,14 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
                                     "CMDISTILL_FASHION_CLASSIFIER", 6, num_features=128),
 }
 
+# data sets whose images are another's (captioned Fashion-MNIST): judged by that one's classifier
+CLASSIFIER_OF_DATA = {"fashion_captions": "fashion_mnist"}
+
+
+def classifier_data(data: str) -> str:
+    """The :data:`CLASSIFIERS` key that judges images of data set ``data``."""
+    return CLASSIFIER_OF_DATA.get(data, data)
+
 
 def train_digits_classifier(epochs: int = 30, seed: int = 0, lr: float = 2e-3, batch_size: int = 64,
                             progress: bool = True) -> tuple[DigitsClassifier, dict]:

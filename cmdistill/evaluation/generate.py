@@ -66,10 +66,11 @@ def initial_noise(num: int, shape: Sequence[int], seed: int) -> tuple[torch.Tens
 
 
 def run_batches(fn: Callable[..., torch.Tensor], noise: torch.Tensor, generator: torch.Generator, batch_size: int,
-                device, desc: str, progress: bool = True, labels: torch.Tensor | None = None,
+                device, desc: str, progress: bool = True, conditions: dict | None = None,
                 decode: Callable | None = None) -> tuple[torch.Tensor, float]:
-    """Apply ``fn(z_batch, generator)`` batch by batch (``fn(z_batch, generator, class_labels=labels_batch)`` when
-    ``labels`` are given, one per image), each output through ``decode`` (a latent model's autoencoder: images are
+    """Apply ``fn(z_batch, generator)`` batch by batch (``fn(z_batch, generator, **conditions_batch)`` when
+    ``conditions`` are given: per-image tensors such as ``class_labels`` or ``encoder_hidden_states``, diffusers'
+    names), each output through ``decode`` (a latent model's autoencoder: images are
     always pixels); return the images (CPU, clamped to [-1, 1]) and the throughput in images per second (wall clock,
     decoding included, device synchronised, after one untimed warm-up image drawn with its own generator so
     ``generator``'s stream is untouched)."""
@@ -79,7 +80,7 @@ def run_batches(fn: Callable[..., torch.Tensor], noise: torch.Tensor, generator:
         fn = lambda z, g, **c: decode(inner(z, g, **c))  # noqa: E731
 
     def cond(i: int, n: int) -> dict:
-        return {} if labels is None else {"class_labels": labels[i:i + n].to(device)}
+        return {k: v[i:i + n].to(device) for k, v in (conditions or {}).items()}
 
     fn(noise[:1].to(device), torch.Generator().manual_seed(0), **cond(0, 1))
     if device.type == "cuda":
@@ -94,16 +95,19 @@ def run_batches(fn: Callable[..., torch.Tensor], noise: torch.Tensor, generator:
 
 def student_fn(pipe, sigmas: Sequence[float], class_label: int | None = None,
                guidance_scale: float | None = None, prompt: str | None = None) -> Callable:
-    """``z, g[, class_labels] -> x``: the pipeline's CM Algorithm 1 from given starting noise, with the given labels
-    (default: all ``class_label``) or, for a text student, ``prompt`` (embedded once), at guidance scale
-    ``guidance_scale`` (``None``: the student's own)."""
+    """``z, g[, class_labels | encoder_hidden_states] -> x``: the pipeline's CM Algorithm 1 from given starting noise,
+    with the given labels (default: all ``class_label``) or, for a text student, the given text-encoder states
+    (default: ``prompt``'s, embedded once), at guidance scale ``guidance_scale`` (``None``: the student's own)."""
     sigmas = pipe.check_sigmas(sigmas)
     pipe.guidance(guidance_scale)  # one clear line now for a scale the student was not distilled for
     text = pipe.text_conditioning(prompt, None, 1, pipe.device) if prompt is not None else {}
 
-    def sample(z, g, class_labels=None):
+    def sample(z, g, class_labels=None, encoder_hidden_states=None):
         labels = class_label if class_labels is None else class_labels
-        emb = {"prompt_embeds": text["encoder_hidden_states"].expand(z.shape[0], -1, -1)} if text else {}
+        states = encoder_hidden_states
+        if states is None and text:
+            states = text["encoder_hidden_states"].expand(z.shape[0], -1, -1)
+        emb = {} if states is None else {"prompt_embeds": states}
         return pipe(latents=z, sigmas=sigmas, generator=g, output_type="latent", class_labels=labels,
                     guidance_scale=guidance_scale, **emb).images
 
@@ -168,7 +172,7 @@ def sample_teacher(teacher, num: int, sampler: str = "ddim", steps: int = 50, se
             teacher = guided_teacher(teacher, guidance_scale)
         except ValueError as e:
             raise SampleError(str(e)) from None
-        labels = torch.full((num,), int(class_label))
+        labels = {"class_labels": torch.full((num,), int(class_label))}
     x, _ = run_batches(teacher_fn(teacher, sampler, steps, spacing), noise, g, batch_size, device,
                        f"teacher {sampler}-{steps}", progress, labels, latent_decoder(vae))
     return x

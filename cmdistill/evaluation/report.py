@@ -186,9 +186,17 @@ def start_note(report: dict) -> list[str]:
 
 def conditional_note(report: dict) -> list[str]:
     """What a class-conditional report measures, as a paragraph (nothing for an unconditional run)."""
+    by = report.get("class_accuracy_by")
+    if report.get("prompts") is not None:
+        pr = report["prompts"]
+        return [f"Text-conditional: {pr['count']} prompts ({pr['source']}; e.g. \"{pr['examples'][0]}\"); every "
+                f"teacher sampler uses classifier-free guidance at w = {report['guidance_scale']:g} against the empty "
+                "prompt (one NFE is one guided network call on a doubled batch), the student samples at the same w. "
+                + (f"Prompt agreement (the class accuracy column): the share of samples the {by} assigns to their "
+                   "prompt's class." if by else "No prompt agreement: the prompts have no classes of the data, or "
+                   "there is no classifier for it."), ""]
     if report.get("classes") is None:
         return []
-    by = report.get("class_accuracy_by")
     return [f"Class-conditional: the samples go through the {report['classes']} classes in turn; every teacher "
             f"sampler uses classifier-free guidance at w = {report['guidance_scale']:g} (one NFE is one guided "
             "network call on a doubled batch), the student samples at the same w. "

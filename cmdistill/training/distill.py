@@ -179,9 +179,9 @@ class Distillation:
         self.vae = load_teacher_vae(recipe.teacher.path, device)  # a latent teacher's: encodes data, decodes grids
         # a text teacher's tokenizer + text encoder: embed the captions once, and travel with the exported student
         self.prompt_encoder = text_encoder(recipe.teacher.path, device) if text_teacher(self.teacher) else None
-        if self.prompt_encoder is not None and (recipe.eval.at_end or recipe.eval.curve):
-            raise ConfigError("evaluating text-conditional students (prompt sets, prompt agreement) is not built yet: "
-                              "set eval.at_end: false and eval.curve: false, and sample with cmdistill sample --prompt")
+        if self.prompt_encoder is not None and recipe.eval.curve:
+            raise ConfigError("the checkpoint curve of text-conditional students is not built yet: set eval.curve: "
+                              "false (eval.at_end evaluates the exported student on the data's captions)")
         self.distance, self.weighting = build_loss(recipe.loss, device, self.vae)  # refused before any data is read
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
