@@ -43,6 +43,22 @@ def text_components(task) -> dict:
     return {} if pe is None else {"text_encoder": pe.text_encoder, "tokenizer": pe.tokenizer}
 
 
+def export_student(task, out: Path, card: dict) -> Path:
+    """The run's evaluation EMA as ``<out>/student`` (a ``ConsistencyPipeline``; a LoRA student merged into its
+    network) and, for a LoRA student, its adapter as a diffusers LoRA file in ``<out>/lora``."""
+    from .core.consistency import merged_student
+    from .export.pipeline import save_student
+    from .training.distill import lora_spec
+
+    fn = task.ema.ema_model
+    folder = save_student(merged_student(fn), out / "student", card=card, vae=task.vae, **text_components(task))
+    if fn.denoiser.adapter is not None:
+        from .export.lora import save_lora
+
+        save_lora(fn, out / "lora", lora_spec(task.recipe, task.teacher), teacher=task.recipe.teacher.path)
+    return folder
+
+
 def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = None, overwrite: bool = False,
             echo=print) -> Path | None:
     """Consistency distillation (CM Algorithm 2) as the recipe says, the student exported as a
@@ -52,7 +68,6 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     on processes other than the main one)."""
     from accelerate import PartialState
 
-    from .export.pipeline import save_student
     from .training.distill import Distillation
     from .training.loop import peak_memory_summary, train
 
@@ -60,9 +75,7 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     recipe = _with_output_dir(recipe, output_dir)
     card = {"teacher": recipe.teacher.path, "recipe": str(Path(recipe.train.output_dir) / "recipe.yaml"),
             "steps": recipe.train.max_steps}
-    student_dir = train(recipe, Distillation,
-                        lambda task, out: save_student(task.ema.ema_model, out / "student", card=card, vae=task.vae,
-                                                       **text_components(task)),
+    student_dir = train(recipe, Distillation, lambda task, out: export_student(task, out, card),
                         resume=resume, overwrite=overwrite)
     state = PartialState()
     if not state.is_main_process:

@@ -92,6 +92,21 @@ class SolverConfig:
     substep_schedule: str = "constant"     # constant | doubling (1, 2, 4 .. substeps in equal stages; Multistep CM)
 
 
+def _default_lora_modules() -> list:
+    from .core.lora import DEFAULT_TARGET_MODULES
+
+    return list(DEFAULT_TARGET_MODULES)
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA student (peft adapters on the teacher's own network, LCM-LoRA); ``rank: 0`` trains a full copy."""
+
+    rank: int = 0                          # r; 0: no LoRA (the student is a full copy of the teacher's network)
+    alpha: Optional[float] = None          # the update is scaled by alpha / r; null: alpha = r
+    target_modules: list = field(default_factory=lambda: _default_lora_modules())  # layer names (peft's)
+
+
 @dataclass
 class StudentConfig:
     boundary: str = "auto"                 # auto | lcm | cm | lcm_scheduler (auto: lcm_scheduler for text U-Nets, else lcm)
@@ -104,6 +119,7 @@ class StudentConfig:
     sigma_max: Optional[float] = None      # top of the student's range (Karras grid, 1-step start); null: teacher's
     prior: str = "zero"                    # 1-step start: zero (CM, sigma_max z) | data_mean (mu + sigma_max z)
     parametrization: str = "denoiser"      # F: denoiser (the teacher's D) | v (TrigFlow v head, bounded output)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters instead of a full copy (text U-Nets)
 
 
 @dataclass
@@ -408,8 +424,8 @@ UNIT_INTERVAL = {"student.target_decay", "student.ema_decay", "train.ema_decay",
 # > 0 when set (None allowed where the annotation is Optional)
 POSITIVE_OR_NONE = {"bank.num_scales", "loss.regression_batch", "unet.num_class_embeds", "train.cpu_threads", "data.resolution", "loss.lpips_resize", "loss.huber_c", "optim.grad_clip", "optim.eps",
                     "schedule.rho", "schedule.p_std", "student.sigma_data", "student.boundary_scale",
-                    "student.sigma_max"}
-NON_NEGATIVE = {"bank.count", "bank.seed", "loss.regression_weight", "guidance.scale", "guidance.null_class", "guidance.w_min", "guidance.w_max", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
+                    "student.sigma_max", "student.lora.alpha"}
+NON_NEGATIVE = {"student.lora.rank", "bank.count", "bank.seed", "loss.regression_weight", "guidance.scale", "guidance.null_class", "guidance.w_min", "guidance.w_max", "train.seed", "data.num_workers", "optim.weight_decay", "optim.warmup_steps",
                 "student.ema_update_after_step", "student.ema_power", "train.ema_power"}
 
 
@@ -547,6 +563,14 @@ def _check_distill(recipe: Recipe) -> None:
     if gc.w_min is not None and not gc.w_min <= gc.scale <= gc.w_max:
         raise ConfigError(f"'guidance.scale' ({gc.scale:g}), the student's default w, must lie in "
                           f"[w_min, w_max] = [{gc.w_min:g}, {gc.w_max:g}]")
+    lc = recipe.student.lora
+    if lc.rank and gc.w_min is not None:
+        raise ConfigError("a LoRA student (student.lora.rank > 0) has no guidance-scale input: the base network its "
+                          "adapters load onto has none; distil one w (guidance.scale) and leave w_min/w_max unset, as "
+                          "LCM-LoRA does")
+    if lc.rank and (not lc.target_modules or not all(isinstance(m, str) and m for m in lc.target_modules)):
+        raise ConfigError(f"'student.lora.target_modules' must be a non-empty list of layer names, got "
+                          f"{lc.target_modules!r}")
 
 
 CONFIG_RULES = RecipeRules(config_registries, check_config)

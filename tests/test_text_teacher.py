@@ -378,7 +378,6 @@ def test_a_text_run_is_evaluated_on_its_captions_with_prompt_agreement(text_run,
     does; the teacher's samplers are guided at the student's w; prompt agreement is the share of samples the
     classifier puts in their prompt's class (always "bag": exactly 1/2 on the captions, 1 on a file of bags), and
     a file of prompts the data do not know gives no agreement."""
-    import json
 
     import cmdistill.evaluation.evaluate as E
     from cmdistill.teachers import text_encoder

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .denoisers import Denoiser
+from .lora import LoraSpec, add_adapters, follow_adapter, merged_network
 from .networks import condition_keys, guidance_entered, prepare_network
 from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
@@ -154,19 +156,48 @@ class ConsistencyFunction(nn.Module):
 
 def make_student(teacher: nn.Module, boundary: str = DEFAULT_BOUNDARY, sigma_data: float = 0.5,
                  boundary_scale: float = 10.0, sigma_max: float | None = None,
-                 parametrization: str = DEFAULT_PARAMETRIZATION) -> ConsistencyFunction:
+                 parametrization: str = DEFAULT_PARAMETRIZATION, lora: LoraSpec | None = None) -> ConsistencyFunction:
     """Student = the teacher's adapter around a *copy* of the teacher network, with the boundary condition on
     top, so that it starts as the teacher's one-step denoiser (as LCM, Luo et al. 2023, initialises from the
     teacher). The copy is trainable, in fp32 whatever the teacher's dtype; the teacher is untouched.
     ``sigma_max`` (default: the teacher's) caps the student's range: where its 1-step sampler starts and the top of
-    its training grid. ``boundary`` ``auto``: :func:`resolve_boundary`. ``parametrization`` names how the network's output becomes ``F`` (:mod:`.parametrizations`).
+    its training grid. ``boundary`` ``auto``: :func:`resolve_boundary`. ``parametrization`` names how the network's
+    output becomes ``F`` (:mod:`.parametrizations`).
+
+    With ``lora`` (LCM-LoRA, Luo et al. 2023b) there is no copy: LoRA adapters are added to the teacher's own
+    network (:func:`~.lora.add_adapters`), the student computes with its ``student`` adapter, the teacher with none.
     """
-    den = copy.deepcopy(teacher)
-    prepare_network(den.net)  # e.g. a DiT's own random label dropout off: the student sees the labels it is given
-    den.net.float()  # fp32 master weights; nn.Module.float, which diffusers' ModelMixin.to does not wrap with a warning
-    den.requires_grad_(True).train()
+    if lora is not None:
+        add_adapters(teacher.net, lora)
+        prepare_network(teacher.net)
+        den = shared_view(teacher, "student").train()
+    else:
+        den = copy.deepcopy(teacher)
+        prepare_network(den.net)  # e.g. a DiT's own random label dropout off: the student sees the labels it is given
+        den.net.float()  # fp32 master weights; nn.Module.float, which ModelMixin.to does not wrap with a warning
+        den.requires_grad_(True).train()
     return ConsistencyFunction(den, boundary=resolve_boundary(boundary, den), sigma_data=sigma_data,
                                boundary_scale=boundary_scale, sigma_max=sigma_max, parametrization=parametrization)
+
+
+def shared_view(module: nn.Module, adapter: str) -> nn.Module:
+    """A copy of ``module`` (a denoiser or a consistency function: its tables, boundary, prior) around the *same*
+    network, computing with LoRA adapter ``adapter`` (:mod:`.lora`)."""
+    den = module if isinstance(module, Denoiser) else module.denoiser
+    view = copy.deepcopy(module, memo={id(den.net): den.net})
+    (view if isinstance(view, Denoiser) else view.denoiser).adapter = adapter
+    return view
+
+
+def merged_student(fn: ConsistencyFunction) -> ConsistencyFunction:
+    """A LoRA view's consistency function with its adapter folded into a plain copy of the network
+    (:func:`~.lora.merged_network`): what a full student of the same weights would be; ``fn`` itself otherwise."""
+    den = fn.denoiser
+    if den.adapter is None:
+        return fn
+    merged = copy.deepcopy(fn, memo={id(den.net): merged_network(den.net, den.adapter)})
+    merged.denoiser.adapter = None
+    return merged
 
 
 def make_target(student: nn.Module, mu: float | None = None) -> nn.Module:
@@ -175,9 +206,12 @@ def make_target(student: nn.Module, mu: float | None = None) -> nn.Module:
     With ``mu = 0`` the target is set to the online weights after every update (:func:`update_target`), so between
     updates it always equals the student: evaluating the student under ``no_grad`` with the replayed RNG
     (:func:`cmdistill.core.cd_step.cd_loss`) is the same arithmetic, with one network fewer in memory.
-    ``mu = None``: always a copy."""
+    ``mu = None``: always a copy. A LoRA student's target is its network's ``target`` adapter (:func:`shared_view`).
+    """
     if mu == 0:
         return student
+    if student.denoiser.adapter is not None:
+        return shared_view(student, "target")
     target = copy.deepcopy(student)
     target.requires_grad_(False)
     return target
@@ -200,6 +234,9 @@ def update_target(target: nn.Module, online: nn.Module, mu: float) -> None:
     copied as they are.
     """
     if target is online:
+        return
+    if online.denoiser.adapter is not None:  # LoRA views of one network: the target adapter follows the student's
+        follow_adapter(online.denoiser.net, target.denoiser.adapter, online.denoiser.adapter, mu)
         return
     t_params, o_params = _pairs(target, online)
     if mu == 0.0:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lora import adapter_active, has_adapters
 from .networks import UnsupportedNetwork, call_network, family_of
 from .schedules import ddpm_betas, vp_sigmas_from_betas
 from .tensors import append_dims, as_sigma, compute_dtype, promote, sync_checks_enabled
@@ -31,6 +32,9 @@ class Denoiser(nn.Module):
     kind: str = ""
     scheduler_classes: frozenset[str] = frozenset()  # diffusers scheduler classes this adapter reads (infer_kind)
     sigma_data: float = 0.5
+    # the LoRA adapter of the network this denoiser computes with (None: the base network, adapters off; a LoRA
+    # student's teacher, student, target and EMA share one network, :mod:`.lora`)
+    adapter: str | None = None
 
     def __init__(self, net: nn.Module, strict_range: bool = True):
         super().__init__()
@@ -67,6 +71,9 @@ class Denoiser(nn.Module):
         time embeddings take fp32 timesteps and cast the embedding, not the timestep, to the weight dtype."""
         dtype = compute_dtype(self.net)
         net_in = x_in.to(dtype) if dtype is not None and dtype != x_in.dtype else x_in
+        if has_adapters(self.net):  # a LoRA student's shared network: this denoiser's adapter, or none
+            with adapter_active(self.net, self.adapter):
+                return call_network(self.net, net_in, t.float(), cond).to(x_in.dtype)
         return call_network(self.net, net_in, t.float(), cond).to(x_in.dtype)
 
     def net_output(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..core.autoencoders import decode_latents
 from ..core.cd_step import cd_loss
 from ..core.consistency import make_student, make_target, update_target
 from ..core.guidance import attach_guidance, guided_teacher
+from ..core.lora import LoraSpec
 from ..core.losses import DecodedDistance, get_weighting, make_distance
 from ..core.networks import class_rows, condition_keys, image_shape, is_conditional, null_class
 from ..core.sampling import sample_consistency
@@ -31,7 +32,7 @@ from ..images import save_grid
 from ..latents import load_teacher_vae
 from ..teachers import load_teacher, teacher_autoencoder, text_encoder
 from .bank import bank_dataset
-from .ema import make_eval_ema
+from .ema import AdapterWeights, make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
 from .speed import configure_networks
 
@@ -43,19 +44,35 @@ def build_models(recipe: Recipe, device):
     trains in fp32 master weights; a teacher of another ``teacher.dtype`` is then loaded in that dtype
     (``from_pretrained(torch_dtype=...)``, which keeps the modules a model marks as fp32 in fp32; casting with
     ``to()`` would not)."""
-    teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind).to(device)  # fp32: the student's start
-    sc = recipe.student
+    sc, dtype = recipe.student, DTYPES[recipe.teacher.dtype]
+    lora = sc.lora.rank > 0
+    # fp32: the student's start; a LoRA student's base is the teacher itself, loaded once in its dtype
+    teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind, **({"dtype": dtype} if lora else {})).to(device)
     if sc.sigma_max is not None and not teacher.sigma_min < sc.sigma_max <= teacher.sigma_max:
         raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
                           f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
     student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
-                           sc.parametrization).to(device)
+                           sc.parametrization, lora_spec(recipe, teacher)).to(device)
     guidance_of(recipe, teacher, student)
-    if DTYPES[recipe.teacher.dtype] != torch.float32:  # no gradients flow through the teacher: loaded in its dtype
-        teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind, dtype=DTYPES[recipe.teacher.dtype]).to(device)
+    if dtype != torch.float32 and not lora:  # no gradients flow through the teacher: loaded in its dtype
+        teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind, dtype=dtype).to(device)
     target = make_target(student, sc.target_decay)  # mu = 0: the student itself (one network fewer)
     ema = make_eval_ema(student, sc.ema_decay, sc.ema_update_after_step, sc.ema_power).to(device)
     return teacher, student, target, ema
+
+
+def lora_spec(recipe: Recipe, teacher) -> LoraSpec | None:
+    """The recipe's ``student.lora`` as a :class:`~cmdistill.core.lora.LoraSpec` (``None`` for a full student); a
+    LoRA student is built for text-conditional U-Nets, whose LoRA files diffusers' pipelines load
+    (``load_lora_weights``), and refused in one line for other teachers."""
+    lc = recipe.student.lora
+    if not lc.rank:
+        return None
+    if not text_teacher(teacher):
+        raise ConfigError(f"LoRA students (student.lora) are built for text-conditional U-Nets (Stable Diffusion "
+                          f"family), whose LoRA files diffusers loads with load_lora_weights; the teacher "
+                          f"{recipe.teacher.path!r} is a {type(teacher.net).__name__}: set student.lora.rank: 0")
+    return LoraSpec(lc.rank, float(lc.alpha if lc.alpha is not None else lc.rank), tuple(lc.target_modules))
 
 
 def build_data(recipe: Recipe, teacher, vae=None, acc=None, prompts=None) -> Dataset:
@@ -198,11 +215,13 @@ class Distillation:
         if self.bank is None and recipe.bank.count:
             self.bank = self.load_bank(mean, None if classes is None else num_labels(self.dataset))
         self.pairs = build_pairs(recipe, self.teacher, self.student)
-        opt = make_optimizer(self.student.parameters(), recipe.optim)
+        opt = make_optimizer([p for p in self.student.parameters() if p.requires_grad], recipe.optim)
         self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
         self.model, self.optimizer = accelerator.prepare(self.student, opt)
         self.flip_gen = torch.Generator().manual_seed(tc.seed + 1 + accelerator.process_index)
         self.modules = {"ema": self.ema} if self.target is self.student else {"target": self.target, "ema": self.ema}
+        if self.student.denoiser.adapter is not None and self.target is not self.student:  # its adapter alone
+            self.modules["target"] = AdapterWeights(self.target, "target")
         self.generators = {"flip": self.flip_gen}
         c, h, w = image_shape(self.teacher.net)
         self.sample_noise = torch.randn(tc.num_sample_images, c, h, w,

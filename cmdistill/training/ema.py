@@ -2,6 +2,7 @@
 Algorithm 2's last line, is :func:`cmdistill.core.consistency.update_target`."""
 from __future__ import annotations
 
+import torch
 from ema_pytorch import EMA
 from torch import nn
 
@@ -30,12 +31,73 @@ class EvalEMA(EMA):
             self._buffers.update(merged)
 
 
+class AdapterWeights(nn.Module):
+    """One LoRA adapter of a shared network as a checkpoint module (:mod:`cmdistill.core.lora`): its state is that
+    adapter's tensors (and a step counter), not the base network that ``view`` computes with."""
+
+    def __init__(self, view: nn.Module, adapter: str):
+        super().__init__()
+        self.adapter = adapter
+        self.step = 0  # a host integer: no device sync per update
+        self._view = (view,)  # a tuple: not a submodule (the network is not this module's)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        from ..core.lora import adapter_tensors
+
+        net, marker = self._view[0].denoiser.net, f".{self.adapter}."
+        names = [n for n, p in net.named_parameters() if "lora_" in n and marker in f".{n}."]
+        return dict(zip(names, adapter_tensors(net, self.adapter)))
+
+    def state_dict(self, *args, **kwargs):
+        return {"step": torch.tensor(self.step), **{f"lora.{k}": v.detach() for k, v in self._tensors().items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = {f"lora.{k}": t for k, t in self._tensors().items()}
+        missing = [k for k in ["step", *own] if k not in state_dict]
+        unexpected = [k for k in state_dict if k != "step" and k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"{self.adapter} adapter state: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if "step" in state_dict:
+            self.step = int(state_dict["step"])
+        for k, t in own.items():
+            if k in state_dict:
+                t.copy_(state_dict[k])
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+class AdapterEMA(AdapterWeights):
+    """The evaluation EMA of a LoRA student: the shared network's ``ema`` adapter follows the ``student`` adapter
+    with ema-pytorch's decay and warm-up (:func:`effective_decay`), over the adapter tensors alone; ``ema_model`` is
+    the student's view through the ``ema`` adapter."""
+
+    def __init__(self, model: nn.Module, beta: float, update_after_step: int, power: float):
+        from ..core.consistency import shared_view
+
+        super().__init__(shared_view(model, "ema"), "ema")
+        self.beta, self.update_after_step, self.power = beta, update_after_step, power
+
+    @property
+    def ema_model(self) -> nn.Module:
+        return self._view[0]
+
+    def update(self) -> None:
+        from ..core.lora import follow_adapter
+
+        self.step += 1
+        decay = effective_decay(self.beta, self.step, self.power, self.update_after_step)
+        follow_adapter(self.ema_model.denoiser.net, "ema", "student", decay)
+
+
 def make_eval_ema(model: nn.Module, beta: float = 0.9999, update_after_step: int = 0, power: float = 2 / 3):
     """The evaluation EMA (what gets sampled and exported), through ema-pytorch with foreach updates and
-    counters on the CPU (:class:`EvalEMA`: no host sync per update).
+    counters on the CPU (:class:`EvalEMA`: no host sync per update); for a LoRA student, over its adapter alone
+    (:class:`AdapterEMA`).
 
     ema-pytorch ramps the decay up with a warm-up ``1 - (1 + step)^-power`` capped at ``beta``.
     """
+    if getattr(getattr(model, "denoiser", None), "adapter", None) is not None:
+        return AdapterEMA(model, beta, update_after_step, power)
     return EvalEMA(model, beta=beta, update_after_step=update_after_step, update_every=1, power=power,
                    include_online_model=False, use_foreach=True)
 
