@@ -165,3 +165,14 @@ def test_a_resumed_lora_run_ends_with_the_same_adapter(lora_run):
     a = load_file(str(lora_run / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(copy / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lora_student_of_a_pixel_teacher_is_one_line(tiny_teacher_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cmdistill.cli import main
+    from test_distill_cli import tiny_args
+
+    res = CliRunner().invoke(main, tiny_args(tiny_teacher_dir, tmp_path / "run", 2) + ["--set", "student.lora.rank=4"])
+    assert res.exit_code == 2 and "built for text-conditional U-Nets" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -272,6 +272,8 @@ def test_text_student_runs_in_both_pipelines(text_run):
         ours(prompt=prompts, guidance_scale=7.0)
     with pytest.raises(ValueError, match="text-conditional"):
         ours(batch_size=2)
+    with pytest.raises(ValueError, match="no negative_prompt"):
+        ours(prompt=prompts, negative_prompt="blurry")
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -434,7 +434,8 @@ class ConsistencyPipeline(DiffusionPipeline):
                  return_dict: bool = True, clip_denoised: bool = False,
                  class_labels: Union[int, Sequence[int], torch.Tensor, None] = None,
                  guidance_scale: Optional[float] = None, prompt: Union[str, list[str], None] = None,
-                 prompt_embeds: Optional[torch.Tensor] = None, num_images_per_prompt: int = 1):
+                 prompt_embeds: Optional[torch.Tensor] = None, num_images_per_prompt: int = 1,
+                 negative_prompt: Union[str, list[str], None] = None):
         """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations (CM Algorithm 1).
 
         ``sigmas`` (descending, ``sigmas[0]`` usually ``sigma_max``) overrides the stored schedule and sets the
@@ -451,11 +452,15 @@ class ConsistencyPipeline(DiffusionPipeline):
         of ``w`` (a guidance embedding) samples at any ``w`` of that range; ``None``: the student's default.
         ``prompt`` / ``prompt_embeds`` / ``num_images_per_prompt``: a text student's condition, as in diffusers'
         Stable Diffusion and LCM pipelines (``batch_size`` is then the number of prompts times
-        ``num_images_per_prompt``; the guidance scale is the student's input, as LCM's, so no negative prompt enters).
+        ``num_images_per_prompt``; the guidance scale is the student's input, as LCM's: a ``negative_prompt``, which
+        would need the second, unconditional pass that distillation removed, is refused in one line).
         Progress: diffusers' ``progress_bar``, one step per network evaluation (``set_progress_bar_config``).
         """
         if num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
+        if negative_prompt is not None:
+            raise ValueError("a consistency student has classifier-free guidance distilled in (one pass per step, as "
+                             "LCM): it takes no negative_prompt")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
         fn = self.consistency_function
