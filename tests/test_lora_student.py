@@ -128,16 +128,17 @@ def test_lora_checkpoints_hold_the_adapters_only(lora_run):
     assert "load_lora_weights" in card and "LCMScheduler" in card
 
 
-@pytest.mark.parametrize("override, message", [
-    ("guidance: {{scale: 3.0, w_min: 1.0, w_max: 6.0}}", "no guidance-scale input"),
+@pytest.mark.parametrize("line, override, message", [
+    ("guidance: {{scale: 3.0}}", "guidance: {{scale: 3.0, w_min: 1.0, w_max: 6.0}}", "no guidance-scale input"),
+    ("eval: {{at_end: false}}", "eval: {{at_end: false, curve: true}}", "curve of LoRA students is not built"),
 ])
-def test_lora_refusals_are_one_line(sd_folder, tmp_path, override, message):
+def test_lora_refusals_are_one_line(sd_folder, tmp_path, line, override, message):
     from click.testing import CliRunner
 
     from cmdistill.cli import main
 
     recipe = tmp_path / "r.yaml"
-    text = LORA_RECIPE.replace("guidance: {{scale: 3.0}}", override)
+    text = LORA_RECIPE.replace(line, override)
     recipe.write_text(text.format(teacher=sd_folder, data=write_captions(tmp_path / "data", n=2),
                                   cache=tmp_path / "cache"))
     res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp_path / "run")])

@@ -348,17 +348,21 @@ def test_sample_prompt_for_text_student_and_teacher(text_run, sd_folder, tmp_pat
     assert np.load(tmp_path / "t" / "samples.npz")["images"].shape == (2, 16, 16, 3)
 
 
-def test_the_checkpoint_curve_of_a_text_run_is_refused_before_anything_is_written(sd_folder, tmp_path):
-    from click.testing import CliRunner
+def test_the_checkpoint_curve_of_a_text_run_scores_its_ema_like_the_exported_student(text_run, monkeypatch):
+    """``evaluate --checkpoints`` on a text run: the last checkpoint's evaluation EMA, rebuilt from the teacher with the
+    native guidance input and sampled on the data's captions, scores what the exported student (the same weights)
+    scores from the same noise."""
+    import cmdistill.evaluation.evaluate as E
+    from cmdistill.evaluation.curve import evaluate_checkpoints
 
-    from cmdistill.cli import main
-
-    recipe = tmp_path / "text.yaml"
-    recipe.write_text(TEXT_RECIPE.format(teacher=sd_folder, data=write_captions(tmp_path / "data", n=2),
-                                         cache=tmp_path / "cache").replace("at_end: false", "curve: true"))
-    res = CliRunner().invoke(main, ["distill", str(recipe), "-o", str(tmp_path / "run")])
-    assert res.exit_code == 2 and "not built yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    run_dir = text_run / "run"
+    curve = evaluate_checkpoints(run_dir, "all", num_samples=6, batch_size=6, feature_net=MeanColour(), steps=(1, 2),
+                                 echo=lambda s: None)
+    rep = E.evaluate(run_dir, num_samples=6, batch_size=6, max_steps=2, teacher_steps=4, feature_net=MeanColour(),
+                     use_lpips=False, baselines=["dpm++2m"], baseline_nfe=[2], progress=False, echo=lambda s: None)
+    last = curve["checkpoints"][-1]
+    for k in (1, 2):
+        assert last[str(k)]["fid"] == pytest.approx(rep["samplers"][f"student-{k}"]["fid"], rel=1e-4, abs=1e-6)
 
 
 class MeanColour(torch.nn.Module):

@@ -49,6 +49,10 @@ def load_ema_student(run, ckpt: Path, template):
     from safetensors.torch import load_file
 
     state = load_file(str(ckpt / "ema.safetensors"))
+    if any(k.startswith("lora.") for k in state):
+        from .evaluate import EvalError
+
+        raise EvalError(f"{ckpt} holds a LoRA student's adapters: the checkpoint curve of LoRA runs is not built yet")
     ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX)}
     template.load_state_dict(ema, strict=True)
     return template

@@ -196,9 +196,9 @@ class Distillation:
         self.vae = load_teacher_vae(recipe.teacher.path, device)  # a latent teacher's: encodes data, decodes grids
         # a text teacher's tokenizer + text encoder: embed the captions once, and travel with the exported student
         self.prompt_encoder = text_encoder(recipe.teacher.path, device) if text_teacher(self.teacher) else None
-        if self.prompt_encoder is not None and recipe.eval.curve:
-            raise ConfigError("the checkpoint curve of text-conditional students is not built yet: set eval.curve: "
-                              "false (eval.at_end evaluates the exported student on the data's captions)")
+        if self.student.denoiser.adapter is not None and recipe.eval.curve:
+            raise ConfigError("the checkpoint curve of LoRA students is not built yet: set eval.curve: false "
+                              "(eval.at_end evaluates the exported student)")
         self.distance, self.weighting = build_loss(recipe.loss, device, self.vae)  # refused before any data is read
         configure_networks(self.teacher, self.student, self.target, channels_last=tc.channels_last,
                            compile=tc.compile, gradient_checkpointing=tc.gradient_checkpointing)
@@ -288,8 +288,18 @@ class Distillation:
                 f"lr {r.optim.lr:g}"
                 + (f"; class-conditional, guidance scale {self.guidance_text()}" if self.conditional else "")
                 + (f"; text-conditional ({len(self.prompt_embeds)} distinct captions), guidance scale "
-                   f"{self.guidance_text()}" if self.text else ""),
+                   f"{self.guidance_text()}" if self.text else "") + self.lora_text(),
                 self.ema_text()]
+
+    def lora_text(self) -> str:
+        """A LoRA student's adapters: rank, alpha and trainable share of the network."""
+        lc = self.recipe.student.lora
+        if not lc.rank:
+            return ""
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        total = sum(p.numel() for n, p in self.teacher.net.named_parameters() if "lora_" not in n)
+        return (f"; LoRA rank {lc.rank}, alpha {lc.alpha if lc.alpha is not None else lc.rank:g}: "
+                f"{trainable / 1e6:.2f} M trainable parameters on a {total / 1e6:.2f} M base shared with the teacher")
 
     def ema_text(self) -> str:
         """What the evaluation EMA's decay really is at the end of the run (ema-pytorch's warm-up)."""
