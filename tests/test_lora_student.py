@@ -177,3 +177,23 @@ def test_a_lora_student_of_a_pixel_teacher_is_one_line(tiny_teacher_dir, tmp_pat
     res = CliRunner().invoke(main, tiny_args(tiny_teacher_dir, tmp_path / "run", 2) + ["--set", "student.lora.rank=4"])
     assert res.exit_code == 2 and "built for text-conditional U-Nets" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_teacher_fingerprint_ignores_the_adapters(sd_folder):
+    """A LoRA student's teacher is the base network: its fingerprint (which names a trajectory bank) is the plain
+    teacher's, before and after the adapters move."""
+    from cmdistill.core.consistency import make_student
+    from cmdistill.core.lora import LoraSpec, adapter_tensors
+    from cmdistill.teachers import load_teacher
+    from cmdistill.training.bank import teacher_fingerprint
+
+    plain = teacher_fingerprint(load_teacher(str(sd_folder)))
+    teacher = load_teacher(str(sd_folder))
+    make_student(teacher, lora=LoraSpec(4, 4.0))
+    assert teacher_fingerprint(teacher) == plain
+    with torch.no_grad():
+        adapter_tensors(teacher.net, "student")[0].add_(1.0)
+    assert teacher_fingerprint(teacher) == plain
+    with torch.no_grad():
+        next(p for n, p in teacher.net.named_parameters() if "lora_" not in n).add_(1.0)
+    assert teacher_fingerprint(teacher) != plain

@@ -77,10 +77,16 @@ def _tuner_layers(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def adapter_tensors(net: nn.Module, name: str) -> list[torch.Tensor]:
-    """The parameters of adapter ``name`` in module order (a fixed order: the lerps of target and EMA pair them)."""
+def adapter_parameters(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The parameters of adapter ``name`` by their names in ``net``, in module order (a fixed order: the lerps of
+    target and EMA pair them)."""
     marker = f".{name}."
-    return [p for n, p in net.named_parameters() if "lora_" in n and marker in f".{n}."]
+    return {n: p for n, p in net.named_parameters() if "lora_" in n and marker in f".{n}."}
+
+
+def adapter_tensors(net: nn.Module, name: str) -> list[torch.Tensor]:
+    """:func:`adapter_parameters` as a list."""
+    return list(adapter_parameters(net, name).values())
 
 
 @contextmanager

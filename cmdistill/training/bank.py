@@ -64,9 +64,11 @@ class BankSpec:
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over a network's parameter and buffer tensors (names, shapes, dtypes and bytes)."""
+    """SHA-256 over a network's parameter and buffer tensors (names, shapes, dtypes and bytes); of a network carrying
+    a LoRA student's adapters, over its base alone (what the teacher computes with, under the base's own names)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    base = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
+    for name, t in sorted(base.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

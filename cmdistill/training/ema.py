@@ -42,11 +42,9 @@ class AdapterWeights(nn.Module):
         self._view = (view,)  # a tuple: not a submodule (the network is not this module's)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        from ..core.lora import adapter_tensors
+        from ..core.lora import adapter_parameters
 
-        net, marker = self._view[0].denoiser.net, f".{self.adapter}."
-        names = [n for n, p in net.named_parameters() if "lora_" in n and marker in f".{n}."]
-        return dict(zip(names, adapter_tensors(net, self.adapter)))
+        return adapter_parameters(self._view[0].denoiser.net, self.adapter)
 
     def state_dict(self, *args, **kwargs):
         return {"step": torch.tensor(self.step), **{f"lora.{k}": v.detach() for k, v in self._tensors().items()}}
