@@ -2,8 +2,9 @@
 
 Two parts:
 
-1. ``--account``: the training state of each form, counted exactly from the networks cmdistill builds (parameters,
-   gradients, optimizer moments, target, evaluation EMA, the teacher's weights), for Stable Diffusion 1.5's U-Net
+1. ``--account``: the training state of each form, its parameter counts taken from the networks cmdistill builds and
+   the bytes per parameter from how it stores them (fp32 master weights, gradients, two AdamW moments and EMA of what
+   trains; the teacher's weights in its dtype; a LoRA's three fp32 adapters), for Stable Diffusion 1.5's U-Net
    (its public config, built on the meta device: no weights, no download) and the shipped fashion-text teacher.
    Activations are not counted: they depend on the batch, resolution and device.
 2. ``--measure RECIPE``: peak resident memory (RSS) of ``cmdistill distill RECIPE`` for a few steps, full and LoRA

@@ -140,7 +140,8 @@ class Captioned(Dataset):
         tensors = getattr(self.images, "tensors", None)
         if tensors is not None and len(tensors) > 1:
             return tensors[1].tolist()
-        return [int(self.images[i][1]) for i in range(len(self))]
+        labels = getattr(self.images, "labels", None)  # image folders and saved datasets keep them (no decoding)
+        return list(labels) if labels is not None else [int(self.images[i][1]) for i in range(len(self))]
 
     def __getitem__(self, i):
         x, y, *_ = self.images[i]

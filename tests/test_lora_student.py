@@ -131,6 +131,8 @@ def test_lora_checkpoints_hold_the_adapters_only(lora_run):
 @pytest.mark.parametrize("line, override, message", [
     ("guidance: {{scale: 3.0}}", "guidance: {{scale: 3.0, w_min: 1.0, w_max: 6.0}}", "no guidance-scale input"),
     ("eval: {{at_end: false}}", "eval: {{at_end: false, curve: true}}", "curve of LoRA students is not built"),
+    ("lora: {{rank", "boundary: lcm, lora: {{rank", "sampled by diffusers' LCMScheduler"),
+    ("lora: {{rank", "prior: data_mean, lora: {{rank", "student.prior: 'data_mean'"),
 ])
 def test_lora_refusals_are_one_line(sd_folder, tmp_path, line, override, message):
     from click.testing import CliRunner
@@ -159,7 +161,8 @@ def test_a_resumed_lora_run_ends_with_the_same_adapter(lora_run):
 
     copy = lora_run / "resumed"
     shutil.copytree(lora_run / "run", copy)
-    shutil.rmtree(copy / "checkpoints" / "step_00000003")
+    for done in ("checkpoints/step_00000003", "lora", "student"):  # the resumed run must write them itself
+        shutil.rmtree(copy / done)
     with _threads(1):
         res = CliRunner().invoke(main, ["distill", str(lora_run / "lora.yaml"), "-o", str(copy), "--resume", "latest"])
     assert res.exit_code == 0 and "at step 2" in res.output, res.output
@@ -197,3 +200,52 @@ def test_the_teacher_fingerprint_ignores_the_adapters(sd_folder):
     with torch.no_grad():
         next(p for n, p in teacher.net.named_parameters() if "lora_" not in n).add_(1.0)
     assert teacher_fingerprint(teacher) != plain
+
+
+def lora_pair(folder, dtype=None, rank: int = 4):
+    from cmdistill.core.consistency import make_student, make_target
+    from cmdistill.core.lora import LoraSpec, adapter_tensors
+    from cmdistill.teachers import load_teacher
+
+    teacher = load_teacher(str(folder), dtype=dtype)
+    student = make_student(teacher, lora=LoraSpec(rank, 2.0 * rank))
+    with torch.no_grad():  # move the student's adapter off its start (B = 0)
+        for t in adapter_tensors(teacher.net, "student"):
+            t.add_(0.02 * torch.randn_like(t))
+    return teacher, student, make_target(student, 0.5)
+
+
+def test_gradient_checkpointing_recomputes_with_the_students_adapter(sd_folder):
+    """diffusers' checkpointing re-runs the student's blocks in backward, outside the call that switched its adapter
+    on: at rest the student's adapter is the one on, so the gradients equal those without checkpointing (with the
+    target's adapter called between forward and backward)."""
+    x, sigma, c = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 9.0]), {"encoder_hidden_states": states()}
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        teacher, student, target = lora_pair(sd_folder)
+        if ckpt:
+            teacher.net.enable_gradient_checkpointing()
+        out = student(x, sigma, **c)
+        with torch.no_grad():
+            target(x, sigma, **c)
+        out.square().mean().backward()
+        grads.append([p.grad.clone() for p in student.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_an_fp16_base_gets_fp32_adapters_and_merges_in_fp32(sd_folder):
+    """On a teacher loaded in fp16 the adapters are fp32 master weights, and the exported merge is
+    ``W + (alpha / r) B A`` computed in fp32 (an fp16 merge would round small updates away)."""
+    from cmdistill.core.lora import ADAPTERS, adapter_tensors, merged_network
+
+    teacher, student, _ = lora_pair(sd_folder, dtype=torch.float16)
+    assert {t.dtype for name in ADAPTERS for t in adapter_tensors(teacher.net, name)} == {torch.float32}
+    merged = merged_network(teacher.net, "student")
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    layer = teacher.net.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    delta = layer.scaling["student"] * layer.lora_B["student"].weight @ layer.lora_A["student"].weight
+    want = layer.base_layer.weight.float() + delta
+    got = merged.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert (got != layer.base_layer.weight.float()).any()

@@ -380,27 +380,29 @@ class AlwaysRedBag(torch.nn.Module):
 
 
 def test_a_text_run_is_evaluated_on_its_captions_with_prompt_agreement(text_run, sd_folder, monkeypatch):
-    """``evaluate`` on a text run: sample i gets image i's caption (sneaker, bag, sneaker, ...), embedded as diffusers
-    does; the teacher's samplers are guided at the student's w; prompt agreement is the share of samples the
-    classifier puts in their prompt's class (always "bag": exactly 1/2 on the captions, 1 on a file of bags), and
-    a file of prompts the data do not know gives no agreement."""
+    """``evaluate`` on a text run: the samples take the images' captions in a fixed random order, embedded as
+    diffusers does and handed over batch by batch; the teacher's samplers are guided at the student's w; prompt
+    agreement is the share of samples the classifier puts in their prompt's class (always "bag": the share of bag
+    prompts on the captions, 1 on a file of bags), and a file of prompts the data do not know gives no agreement."""
 
     import cmdistill.evaluation.evaluate as E
     from cmdistill.teachers import text_encoder
 
     monkeypatch.setattr(E, "class_classifier", lambda run, search: AlwaysRedBag())
     run_dir = text_run / "run"
-    kw = dict(num_samples=6, batch_size=6, max_steps=2, teacher_steps=4, feature_net=MeanColour(), use_lpips=False,
+    kw = dict(num_samples=6, batch_size=4, max_steps=2, teacher_steps=4, feature_net=MeanColour(), use_lpips=False,
               baselines=["dpm++2m"], baseline_nfe=[2], progress=False, echo=lambda s: None)
+    run = E.load_run(run_dir, None, "cpu")
+    texts = [run.prompts.texts[int(i)] for i in run.prompts.index(6)]  # the images' captions, in a fixed random order
+    assert sorted(set(texts)) == ["a photo of a sneaker", "a red bag"]
+    torch.testing.assert_close(run.conditions(6)["encoder_hidden_states"][0:6], text_encoder(sd_folder)(texts))
+    assert run.labels(6).tolist() == [int(t == "a red bag") for t in texts]  # the folder's label of each caption
     rep = E.evaluate(run_dir, **kw)
     assert rep["guidance_scale"] == 3.0 and rep["prompts"]["count"] == 2 and rep["prompts"]["with_classes"]
     assert {"teacher-ddim-4", "student-1", "student-2", "dpm++2m-2"} <= set(rep["samplers"])
-    assert all(e["class_accuracy"] == pytest.approx(0.5) for e in rep["samplers"].values())
+    bags = texts.count("a red bag") / 6
+    assert 0 < bags < 1 and all(e["class_accuracy"] == pytest.approx(bags) for e in rep["samplers"].values())
     assert "Prompt agreement" in (run_dir / "report.md").read_text()
-    run = E.load_run(run_dir, None, "cpu")
-    states = text_encoder(sd_folder)(["a photo of a sneaker", "a red bag"] * 2)
-    torch.testing.assert_close(run.conditions(4)["encoder_hidden_states"], states)
-    assert run.labels(4).tolist() == [0, 1, 0, 1]
     (text_run / "bags.txt").write_text("a red bag\n\n")
     rep = E.evaluate(run_dir, prompts=str(text_run / "bags.txt"), **kw)
     assert all(e["class_accuracy"] == 1.0 for e in rep["samplers"].values())

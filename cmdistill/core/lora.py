@@ -42,9 +42,10 @@ class LoraSpec:
 
 
 def add_adapters(net: nn.Module, spec: LoraSpec, names=ADAPTERS) -> nn.Module:
-    """Wrap ``spec.target_modules`` of ``net`` (in place) with one LoRA adapter per name, all starting as the first
-    (peft's init: ``A`` random, ``B`` zero, so every adapter starts as the base network); the base weights are
-    frozen, the first adapter trains, the others do not. A ``ValueError`` names layers that match nothing."""
+    """Wrap ``spec.target_modules`` of ``net`` (in place) with one LoRA adapter per name, all in fp32 and starting as
+    the first (peft's init: ``A`` random, ``B`` zero, so every adapter starts as the base network); the base weights
+    are frozen, the first adapter trains and is the one switched on outside :func:`adapter_active`, the others do
+    not train. A ``ValueError`` names layers that match nothing."""
     from peft import inject_adapter_in_model
 
     net.requires_grad_(False)
@@ -56,10 +57,15 @@ def add_adapters(net: nn.Module, spec: LoraSpec, names=ADAPTERS) -> nn.Module:
         except ValueError as e:
             raise ValueError(f"LoRA target modules {list(spec.target_modules)} fit no layer of "
                              f"{type(net).__name__}: {str(e).splitlines()[0]}") from None
-    first = adapter_tensors(net, names[0])
     with torch.no_grad():
+        for name in names:  # peft creates them in the base's dtype: fp32 master weights whatever the base's
+            for t in adapter_tensors(net, name):
+                t.data = t.data.float()
+        first = adapter_tensors(net, names[0])
         for name in names[1:]:
             torch._foreach_copy_(adapter_tensors(net, name), first)
+    for layer in _tuner_layers(net):  # at rest the student's adapter is on (peft leaves the last one injected on):
+        layer.set_adapter(names[0])   # what gradient checkpointing's recomputation in backward runs with
     for name in names:
         for t in adapter_tensors(net, name):
             t.requires_grad_(name == names[0])
@@ -135,9 +141,9 @@ def adapter_state_dict(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def merged_network(net: nn.Module, name: str) -> nn.Module:
-    """A plain copy of ``net`` (its own class, no peft layers) with adapter ``name`` folded into its weights
-    (``W + (alpha / r) B A``, peft's merge); ``net`` is untouched."""
-    work = copy.deepcopy(net)
+    """A plain fp32 copy of ``net`` (its own class, no peft layers) with adapter ``name`` folded into its weights
+    (``W + (alpha / r) B A``, peft's merge, in fp32); ``net`` is untouched."""
+    work = copy.deepcopy(net).float()  # merged in fp32: a small update would round away on an fp16 weight
     for layer in _tuner_layers(work):
         if name in layer.lora_A:
             layer.merge(adapter_names=[name])

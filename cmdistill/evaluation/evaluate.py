@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,6 +37,7 @@ from .report import headline, headline_table, report_table, side_by_side, write_
 FLOOR_MAX_IMAGES = 20_000   # real-vs-real FID floor: among the first 20k real images (digits: all 1797)
 REAL_MAX_IMAGES = 50_000    # FID reference statistics: the first 50k training images (CIFAR-10: all)
 SEARCH_SEED_OFFSET = 1000   # the sigma search draws its noise from seed + 1000: disjoint from evaluation_seeds
+PROMPT_ORDER_SEED = 0       # the fixed random order in which a text run's samples take the eval data's captions
 MAX_SEEDS = 100
 
 
@@ -181,23 +182,47 @@ class EvalRun:
         return None if labels is None else {"class_labels": labels}
 
 
+class Gathered:
+    """Rows ``table[index[i]]`` of a table, gathered only when a slice is asked for (:func:`.generate.run_batches`
+    takes a batch at a time), so a large prompt set never becomes one ``[num, L, D]`` tensor."""
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor):
+        self.table, self.index = table, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, sl) -> torch.Tensor:
+        return self.table[self.index[sl].to(self.table.device)]
+
+
 @dataclass
 class PromptSet:
-    """The prompts of a text-conditional evaluation: ``texts``, their text-encoder states ``embeds`` ``[P, L, D]``,
-    the prompt of each sample (``order``, cycled), and each prompt's class where the data give one (``classes``:
-    ``None`` entries for prompts of no single class; ``None`` when the data have no classes)."""
+    """The prompts of a text-conditional evaluation: ``texts``, the prompt of each sample (``order``, indices into
+    ``texts``, cycled), each prompt's class where the data give one (``classes``: ``None`` entries for prompts of no
+    single class; ``None`` when the data have no classes) and the ``encoder`` that embeds the prompts used, once."""
 
     texts: list[str]
-    embeds: torch.Tensor
     order: torch.Tensor
     classes: list[int | None] | None
     source: str
+    encoder: Callable
+    _embedded: dict = field(default_factory=dict)
 
     def index(self, num: int) -> torch.Tensor:
         return self.order[torch.arange(num) % len(self.order)]
 
-    def states(self, num: int) -> torch.Tensor:
-        return self.embeds[self.index(num)]
+    def states(self, num: int) -> Gathered:
+        """The text-encoder states of each of ``num`` samples' prompts (only the distinct prompts used are embedded,
+        64 at a time), gathered batch by batch."""
+        idx = self.index(num)
+        if num not in self._embedded:
+            used = torch.unique(idx)
+            with torch.no_grad():
+                rows = [self.encoder([self.texts[int(i)] for i in used[j:j + 64]]) for j in range(0, len(used), 64)]
+            self._embedded[num] = (used, torch.cat(rows))
+        used, table = self._embedded[num]
+        return Gathered(table, torch.searchsorted(used, idx))
 
     def labels(self, num: int) -> torch.Tensor | None:
         """Each sample's prompt class (``None`` unless every prompt has one: agreement needs them all)."""
@@ -336,26 +361,22 @@ def prompt_set(ds, encoder, path: str | None = None) -> PromptSet:
     elif captions is None:
         raise EvalError("a text-conditional run is evaluated on prompts: give captioned eval data (eval.data) or "
                         "--prompts FILE (one prompt per line)")
-    else:
-        texts, order, source = list(captions), ids.clone(), "the captions of the eval data, image by image"
+    else:  # the images in a seeded random order: a folder sorted by class would otherwise give one class first
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(PROMPT_ORDER_SEED))
+        texts, order, source = list(captions), ids[perm], "the captions of the eval data's images in a fixed random order"
     classes = [owner.get(t) for t in texts] if owner else None
-    with torch.no_grad():
-        embeds = torch.cat([encoder(texts[i:i + 64]) for i in range(0, len(texts), 64)])
-    return PromptSet(texts, embeds, order, classes, source)
+    return PromptSet(texts, order, classes, source, encoder)
 
 
 def caption_classes(ds) -> dict[str, int]:
-    """Caption -> class for a captioned data set's captions whose images all have one label; empty when the data
-    have one class only (a folder without a ``label`` column)."""
-    labels = torch.as_tensor(ds.labels)
-    if int(labels.max()) == int(labels.min()):
+    """Caption -> class for a captioned data set's captions whose images all have one label (one pass); empty when
+    the data have one class only (a folder without a ``label`` column)."""
+    seen: dict[int, set] = {}
+    for pid, label in zip(ds.prompt_ids.tolist(), ds.labels):
+        seen.setdefault(pid, set()).add(int(label))
+    if len(set().union(*seen.values())) < 2:
         return {}
-    out = {}
-    for i, text in enumerate(ds.prompts):
-        mine = labels[ds.prompt_ids == i].unique()
-        if len(mine) == 1:
-            out[text] = int(mine[0])
-    return out
+    return {ds.prompts[pid]: next(iter(ls)) for pid, ls in seen.items() if len(ls) == 1}
 
 
 def load_run_without_student(run_dir: Path, device, guidance_scale: float | None = None) -> EvalRun:

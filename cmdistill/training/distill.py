@@ -72,6 +72,15 @@ def lora_spec(recipe: Recipe, teacher) -> LoraSpec | None:
         raise ConfigError(f"LoRA students (student.lora) are built for text-conditional U-Nets (Stable Diffusion "
                           f"family), whose LoRA files diffusers loads with load_lora_weights; the teacher "
                           f"{recipe.teacher.path!r} is a {type(teacher.net).__name__}: set student.lora.rank: 0")
+    sc = recipe.student
+    differs = [f"student.{k}: {v!r}" for k, v, lcm in (
+        ("boundary", sc.boundary, sc.boundary in ("auto", "lcm_scheduler")), ("boundary_scale", sc.boundary_scale,
+        sc.boundary_scale == 10.0), ("parametrization", sc.parametrization, sc.parametrization == "denoiser"),
+        ("sigma_max", sc.sigma_max, sc.sigma_max is None), ("prior", sc.prior, sc.prior == "zero")) if not lcm]
+    if differs:  # what the LoRA file's users run is LCMScheduler over the base: the student must be that sampler's
+        raise ConfigError(f"a LoRA student is sampled by diffusers' LCMScheduler on its teacher ({differs[0]} would "
+                          "sample differently there): keep student.boundary auto, boundary_scale 10, parametrization "
+                          "denoiser, sigma_max null and prior zero")
     return LoraSpec(lc.rank, float(lc.alpha if lc.alpha is not None else lc.rank), tuple(lc.target_modules))
 
 
@@ -187,7 +196,7 @@ class Distillation:
 
     name = "distill"
     CHECKPOINT_MODULES = ("ema",)  # and "target", saved when it is a network of its own (target_decay > 0)
-    OUTPUTS = ("student",)
+    OUTPUTS = ("student", "lora")
 
     def __init__(self, recipe: Recipe, accelerator, dataset: Dataset | None = None):
         self.recipe, self.acc = recipe, accelerator
