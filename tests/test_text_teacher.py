@@ -417,3 +417,34 @@ def test_a_text_run_is_evaluated_on_its_captions_with_prompt_agreement(text_run,
 def test_text_student_card_says_how_to_prompt_it(text_run):
     card = (text_run / "run" / "student" / "README.md").read_text()
     assert "text-to-image" in card and 'prompt="' in card and "LatentConsistencyModelPipeline" in card
+
+
+def test_a_student_below_the_teachers_top_runs_in_lcm_pipeline_with_its_timesteps(sd_folder, tmp_path):
+    """A text student distilled below the teacher's top (``student.sigma_max`` at timestep 649) stores LCM-style
+    timesteps of its own range; diffusers' LatentConsistencyModelPipeline given those ``timesteps`` (stated in the
+    model card) samples the images ConsistencyPipeline samples, at 1, 2 and 4 steps."""
+    from cmdistill import ConsistencyPipeline
+    from cmdistill.export.pipeline import lcm_scheduler_for, lcm_timesteps, save_student
+    from cmdistill.latents import load_teacher_vae
+    from cmdistill.teachers import load_teacher
+
+    teacher = load_teacher(str(sd_folder))
+    student = make_student(teacher, boundary="lcm_scheduler", sigma_max=float(teacher.sigma_table[649])).eval()
+    attach_guidance(student, 3.0, (1.0, 8.0))
+    with torch.no_grad():
+        student.denoiser.net.time_embedding.cond_proj.weight.normal_(0, 0.5)
+    sd = StableDiffusionPipeline.from_pretrained(sd_folder)
+    save_student(student, tmp_path / "student", vae=load_teacher_vae(str(sd_folder)), text_encoder=sd.text_encoder,
+                 tokenizer=sd.tokenizer)
+    assert "timesteps=[649, 324]" in (tmp_path / "student" / "README.md").read_text()
+    ours = ConsistencyPipeline.from_pretrained(tmp_path / "student")
+    lcm = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "student", safety_checker=None,
+                                                         feature_extractor=None, requires_safety_checker=False)
+    prompts, z = ["a red bag", "a photo of a sneaker"], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    for steps in (1, 2, 4):
+        ts = lcm_timesteps(student, lcm_scheduler_for(student), steps)
+        assert ts[0] == 649 and len(ts) == steps
+        kw = dict(latents=z.clone(), guidance_scale=4.0, output_type="np")
+        a = ours(prompt=prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(1), **kw).images
+        b = lcm(prompts, timesteps=ts, generator=torch.Generator().manual_seed(1), **kw).images
+        np.testing.assert_allclose(a, b, atol=1e-3)

@@ -173,11 +173,22 @@ def lcm_scheduler_for(student: ConsistencyFunction) -> LCMScheduler:
                         timestep_scaling=student.boundary_scale)
 
 
+def lcm_timesteps(student: ConsistencyFunction, scheduler: LCMScheduler, steps: int) -> list[int]:
+    """The ``steps`` teacher timesteps a ``LatentConsistencyModelPipeline`` samples this student at: ``LCMScheduler``'s
+    own (its skipping of 50 original steps, from ``t = 999``) for a student of the teacher's whole range; for a
+    student whose range stops lower (``student.sigma_max``), ``steps`` evenly spaced timesteps from its top ``t_max``
+    down, which that pipeline takes as ``timesteps=[...]``."""
+    table = student.denoiser.sigma_table
+    top = int((table <= student.sigma_max * (1 + 1e-6)).nonzero().max())
+    if top >= len(table) - 1 or float(table[-1]) <= student.sigma_max * (1 + 1e-6):
+        scheduler.set_timesteps(steps)
+        return [int(t) for t in scheduler.timesteps]
+    return [int(top - i * (top + 1) // steps) for i in range(steps)]
+
+
 def lcm_sigmas(student: ConsistencyFunction, scheduler: LCMScheduler, steps: int) -> list[float]:
-    """The noise levels of ``LCMScheduler``'s ``steps``-step timesteps (its skipping of 50 original steps), in the
-    student's EDM units."""
-    scheduler.set_timesteps(steps)
-    return [float(student.denoiser.sigma_table[int(t)]) for t in scheduler.timesteps]
+    """The noise levels of :func:`lcm_timesteps`, in the student's EDM units."""
+    return [float(student.denoiser.sigma_table[t]) for t in lcm_timesteps(student, scheduler, steps)]
 
 
 def _component(index: dict, name: str) -> bool:
@@ -518,6 +529,16 @@ def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_s
 CARD_EVALUATION = "## Evaluation"
 
 
+def lcm_timesteps_note(fn: ConsistencyFunction) -> str:
+    """For a student whose range stops below the teacher's top: the ``timesteps`` to pass diffusers' pipeline."""
+    if fn.boundary != "lcm_scheduler" or fn.sigma_max >= float(fn.denoiser.sigma_table[-1]) * (1 - 1e-6):
+        return ""
+    sched = lcm_scheduler_for(fn)
+    steps = "; ".join(f"{k} steps `timesteps={lcm_timesteps(fn, sched, k)}`" for k in (1, 2, 4))
+    return (f" when given the timesteps of its range (it was distilled below the teacher's top, up to sigma "
+            f"{fn.sigma_max:.4g}): {steps}")
+
+
 def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", teacher: str = "unknown",
                      recipe: str = "unknown", steps: Optional[int] = None, evaluation: Optional[str] = None) -> Path:
     """``README.md`` of a student folder, as diffusers / Hub repositories have: what the model is, its teacher and
@@ -552,7 +573,8 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
         + (" It is class-conditional (`class_labels`: one int, a list or a tensor)." if conditional else "")
         + (" It is text-conditional (`prompt` or `prompt_embeds`); the same folder loads in diffusers' "
            "`LatentConsistencyModelPipeline` (with `safety_checker=None, feature_extractor=None, "
-           "requires_safety_checker=False`), which samples it the same way." if text else "")
+           "requires_safety_checker=False`), which samples it the same way" + lcm_timesteps_note(fn) + "."
+           if text else "")
         + about_w, "",
         "## Use", "", "```python", "import cmdistill  # registers ConsistencyPipeline with diffusers",
         "from diffusers import DiffusionPipeline", "",
