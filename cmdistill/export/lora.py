@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..core.lora import LoraSpec, adapter_state_dict
+from .pipeline import lcm_scheduler_for, lcm_timesteps, lcm_timesteps_note
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -29,7 +30,11 @@ def save_lora(fn, folder: str | os.PathLike, spec: LoraSpec, teacher: str = "unk
                                                                                         fn.denoiser.adapter),
                                               unet_lora_adapter_metadata=meta, safe_serialization=True)
     w = fn.guidance_scale if fn.guidance_scale is not None else 1.0
-    (tmp / "README.md").write_text(LORA_CARD.format(teacher=teacher, rank=spec.rank, alpha=spec.alpha, w=w))
+    steps = "num_inference_steps=1"
+    if fn.sigma_max < float(fn.denoiser.sigma_table[-1]) * (1 - 1e-6):  # distilled below the teacher's top
+        steps = f"timesteps={lcm_timesteps(fn, lcm_scheduler_for(fn), 1)}"
+    (tmp / "README.md").write_text(LORA_CARD.format(teacher=teacher, rank=spec.rank, alpha=spec.alpha, w=w,
+                                                    steps=steps, note=lcm_timesteps_note(fn)))
     make_readable(tmp)
     replace_dir(tmp, folder)
     return folder
@@ -51,8 +56,10 @@ from diffusers import LCMScheduler, StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{teacher}", safety_checker=None, requires_safety_checker=False)
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.load_lora_weights("path/to/this/folder")
-image = pipe("a photo of a sneaker", num_inference_steps=1, guidance_scale=1.0).images[0]
+image = pipe("a photo of a sneaker", {steps}, guidance_scale=1.0).images[0]
 ```
+
+LCMScheduler samples it{note}.
 
 The same student merged into the U-Net is the run's `student/` folder (a `ConsistencyPipeline`).
 """

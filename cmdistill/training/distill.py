@@ -76,11 +76,11 @@ def lora_spec(recipe: Recipe, teacher) -> LoraSpec | None:
     differs = [f"student.{k}: {v!r}" for k, v, lcm in (
         ("boundary", sc.boundary, sc.boundary in ("auto", "lcm_scheduler")), ("boundary_scale", sc.boundary_scale,
         sc.boundary_scale == 10.0), ("parametrization", sc.parametrization, sc.parametrization == "denoiser"),
-        ("sigma_max", sc.sigma_max, sc.sigma_max is None), ("prior", sc.prior, sc.prior == "zero")) if not lcm]
+        ("prior", sc.prior, sc.prior == "zero")) if not lcm]
     if differs:  # what the LoRA file's users run is LCMScheduler over the base: the student must be that sampler's
         raise ConfigError(f"a LoRA student is sampled by diffusers' LCMScheduler on its teacher ({differs[0]} would "
                           "sample differently there): keep student.boundary auto, boundary_scale 10, parametrization "
-                          "denoiser, sigma_max null and prior zero")
+                          "denoiser and prior zero")
     return LoraSpec(lc.rank, float(lc.alpha if lc.alpha is not None else lc.rank), tuple(lc.target_modules))
 
 
