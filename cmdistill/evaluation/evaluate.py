@@ -557,7 +557,8 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     if run.classes is not None or run.prompts is not None:
         classifier = class_classifier(run, search) if run.labels(2) is not None else None
         report.update(classes=run.classes, guidance_scale=run.guidance_scale,
-                      class_accuracy_by=f"{reference_data(run.recipe)} classifier" if classifier is not None else None)
+                      class_accuracy_by=(f"{classifier_data(reference_data(run.recipe))} classifier"
+                                         if classifier is not None else None))
     if run.prompts is not None:
         report["prompts"] = run.prompts.describe()
     # 2. optional multistep-sigma search (stored only when asked)
