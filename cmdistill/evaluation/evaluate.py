@@ -298,14 +298,9 @@ def reference_data(recipe) -> str:
     return name
 
 
-def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> None:
-    """Set up a class-conditional run: its classes, the guidance scale ``w`` evaluated and the teacher with
-    classifier-free guidance at ``w`` (one-line errors for a student that cannot sample it)."""
-    from ..core.guidance import guided_teacher
-
-    if run.pipe is not None and class_rows(run.pipe.network) is None:
-        raise EvalError("the teacher is class-conditional but the student is not; evaluate it with its own teacher "
-                        "(--teacher)")
+def evaluated_scale(run: EvalRun, guidance_scale: float | None) -> float:
+    """The guidance scale ``w`` a conditional run is evaluated at: ``guidance_scale``, else the student's own, else the
+    recipe's ``guidance.scale``; one line when the student cannot sample it."""
     fn = run.pipe.consistency_function if run.pipe is not None else None
     w = guidance_scale if guidance_scale is not None else (fn.guidance_scale if fn is not None else None)
     w = float(w if w is not None else run.recipe.guidance.scale)
@@ -314,6 +309,18 @@ def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> N
             run.pipe.guidance(w)
         except ValueError as e:
             raise EvalError(str(e)) from None
+    return w
+
+
+def condition_run(run: EvalRun, classes: int, guidance_scale: float | None) -> None:
+    """Set up a class-conditional run: its classes, the guidance scale ``w`` evaluated and the teacher with
+    classifier-free guidance at ``w`` (one-line errors for a student that cannot sample it)."""
+    from ..core.guidance import guided_teacher
+
+    if run.pipe is not None and class_rows(run.pipe.network) is None:
+        raise EvalError("the teacher is class-conditional but the student is not; evaluate it with its own teacher "
+                        "(--teacher)")
+    w = evaluated_scale(run, guidance_scale)
     run.classes, run.guidance_scale = classes, w
     run.guided = guided_teacher(run.teacher, w, run.recipe.guidance.null_class)
 
@@ -328,14 +335,7 @@ def text_run(run: EvalRun, ds, guidance_scale: float | None, prompts: str | None
     if run.pipe is not None and "encoder_hidden_states" not in condition_keys(run.pipe.network):
         raise EvalError("the teacher is text-conditional but the student is not; evaluate it with its own teacher "
                         "(--teacher)")
-    fn = run.pipe.consistency_function if run.pipe is not None else None
-    w = guidance_scale if guidance_scale is not None else (fn.guidance_scale if fn is not None else None)
-    w = float(w if w is not None else run.recipe.guidance.scale)
-    if run.pipe is not None:
-        try:
-            run.pipe.guidance(w)
-        except ValueError as e:
-            raise EvalError(str(e)) from None
+    w = evaluated_scale(run, guidance_scale)
     run.prompts = prompt_set(ds, text_encoder(run.teacher_path, run.device), prompts)
     run.guidance_scale = w
     run.guided = guided_teacher(run.teacher, w)
