@@ -133,6 +133,7 @@ def test_lora_checkpoints_hold_the_adapters_only(lora_run):
     ("eval: {{at_end: false}}", "eval: {{at_end: false, curve: true}}", "curve of LoRA students is not built"),
     ("lora: {{rank", "boundary: lcm, lora: {{rank", "sampled by diffusers' LCMScheduler"),
     ("lora: {{rank", "prior: data_mean, lora: {{rank", "student.prior: 'data_mean'"),
+    ("lora: {{rank", "lora: {{target_modules: [no_such_layer], rank", "'student.lora.target_modules': LoRA target"),
 ])
 def test_lora_refusals_are_one_line(sd_folder, tmp_path, line, override, message):
     from click.testing import CliRunner

@@ -51,8 +51,13 @@ def build_models(recipe: Recipe, device):
     if sc.sigma_max is not None and not teacher.sigma_min < sc.sigma_max <= teacher.sigma_max:
         raise ConfigError(f"'student.sigma_max' must lie in the teacher's range ({teacher.sigma_min:.4g}, "
                           f"{teacher.sigma_max:.4g}], got {sc.sigma_max}")
-    student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
-                           sc.parametrization, lora_spec(recipe, teacher)).to(device)
+    try:
+        student = make_student(teacher, sc.boundary, sc.sigma_data, sc.boundary_scale, sc.sigma_max,
+                               sc.parametrization, lora_spec(recipe, teacher)).to(device)
+    except ValueError as e:
+        if not lora or isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"'student.lora.target_modules': {e}") from None
     guidance_of(recipe, teacher, student)
     if dtype != torch.float32 and not lora:  # no gradients flow through the teacher: loaded in its dtype
         teacher = load_teacher(recipe.teacher.path, recipe.teacher.kind, dtype=dtype).to(device)
