@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .core.denoisers import Denoiser, UnsupportedTeacher, build_denoiser, infer_kind
-from .core.networks import condition_keys
+from .core.networks import takes_text
 
 
 class TeacherLoadError(RuntimeError):
@@ -102,7 +102,7 @@ def load_teacher(path_or_id: str, kind: str = "auto", strict_range: bool = True,
         den = build_denoiser(net, sched_cfg, kind, strict_range=strict_range)
     except (UnsupportedTeacher, ValueError) as e:
         raise TeacherLoadError(f"teacher {path_or_id!r}: {e}") from None
-    if "encoder_hidden_states" in condition_keys(net):  # guidance's null condition: the empty prompt, embedded once
+    if takes_text(net):  # guidance's null condition: the empty prompt, embedded once
         den.empty_condition = text_encoder(folder).null()
     return den
 

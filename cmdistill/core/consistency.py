@@ -11,10 +11,10 @@ from torch import nn
 
 from .denoisers import Denoiser
 from .lora import LoraSpec, add_adapters, follow_adapter, merged_network
-from .networks import condition_keys, guidance_entered, prepare_network
+from .networks import guidance_entered, prepare_network, takes_text
 from .parametrizations import DEFAULT_PARAMETRIZATION, PARAMETRIZATIONS
 from .sampling import start_sample
-from .tensors import append_dims, as_sigma, promote
+from .tensors import append_dims, as_sigma, lerp_toward, promote
 
 
 def cm_scalings(sigma: torch.Tensor, sigma_min: float, sigma_data: float, scale: float = 1.0, denoiser=None):
@@ -65,7 +65,7 @@ def resolve_boundary(name: str, denoiser) -> str:
     is."""
     if name != "auto":
         return name
-    text = "encoder_hidden_states" in condition_keys(denoiser.net)
+    text = takes_text(denoiser.net)
     return "lcm_scheduler" if text and hasattr(denoiser, "sigma_to_t") else DEFAULT_BOUNDARY
 
 
@@ -238,11 +238,7 @@ def update_target(target: nn.Module, online: nn.Module, mu: float) -> None:
     if online.denoiser.adapter is not None:  # LoRA views of one network: the target adapter follows the student's
         follow_adapter(online.denoiser.net, target.denoiser.adapter, online.denoiser.adapter, mu)
         return
-    t_params, o_params = _pairs(target, online)
-    if mu == 0.0:
-        torch._foreach_copy_(t_params, o_params)
-    else:
-        torch._foreach_lerp_(t_params, o_params, 1.0 - mu)
+    lerp_toward(*_pairs(target, online), mu)
     t_bufs, o_bufs = list(target.buffers()), list(online.buffers())
     if t_bufs:
         torch._foreach_copy_(t_bufs, o_bufs)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .tensors import lerp_toward
+
 ADAPTERS = ("student", "target", "ema")
 # LCM-LoRA's layers (diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py): attention
 # projections, feed-forwards, the ResNet convolutions and time projections, down- and upsamplers
@@ -125,11 +127,7 @@ def adapter_active(net: nn.Module, name: str | None):
 def follow_adapter(net: nn.Module, dst: str, src: str, mu: float) -> None:
     """``dst <- mu dst + (1 - mu) src`` over the two adapters' tensors (a copy at ``mu = 0``): CM's target update and
     the evaluation EMA, on the adapters alone."""
-    d, s = adapter_tensors(net, dst), [t.detach() for t in adapter_tensors(net, src)]
-    if mu == 0.0:
-        torch._foreach_copy_(d, s)
-    else:
-        torch._foreach_lerp_(d, s, 1.0 - mu)
+    lerp_toward(adapter_tensors(net, dst), [t.detach() for t in adapter_tensors(net, src)], mu)
 
 
 def adapter_state_dict(net: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -152,9 +150,9 @@ def merged_network(net: nn.Module, name: str) -> nn.Module:
         if "lora_" in key:
             continue
         state[key.replace(".base_layer.", ".")] = value
-    plain = type(net).from_config(net.config) if hasattr(net, "from_config") else None
-    if plain is None:
+    if not hasattr(net, "from_config"):
         raise ValueError(f"cannot rebuild a plain {type(net).__name__} (no from_config) to merge a LoRA into")
+    plain = type(net).from_config(net.config)
     plain.load_state_dict(state, strict=True)
     first = next(net.parameters())
     return nn.Module.to(plain, first.device).train(net.training).requires_grad_(False)

@@ -271,6 +271,11 @@ def with_guidance_input(net, dim: int):
     return family_of(net).add_guidance_input(net, dim)
 
 
+def takes_text(net) -> bool:
+    """Whether ``net`` cross-attends to text: its condition is ``encoder_hidden_states`` (a text encoder's states)."""
+    return "encoder_hidden_states" in condition_keys(net)
+
+
 def is_conditional(net) -> bool:
     """Whether ``net`` takes a condition (class labels, text states) that classifier-free guidance can drop."""
     try:

@@ -72,3 +72,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+@torch.no_grad()
+def lerp_toward(dst: list[torch.Tensor], src: list[torch.Tensor], mu: float) -> None:
+    """``dst <- mu dst + (1 - mu) src`` in place with fused foreach ops; ``mu = 0`` copies ``src`` exactly (the
+    target update of CM Algorithm 2 and its LoRA form)."""
+    if mu == 0.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_lerp_(dst, src, 1.0 - mu)

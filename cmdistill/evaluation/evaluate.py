@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
-from ..core.networks import class_rows, condition_keys, image_shape
+from ..core.networks import class_rows, image_shape, takes_text
 from ..export.pipeline import config_file
 from ..machine import machine_fingerprint
 from .baselines import make_baselines, student_start, teacher_start
@@ -277,7 +277,7 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
                       recipe.data.caption_column)
     real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
     run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher, vae=vae)
-    if "encoder_hidden_states" in condition_keys(teacher.net):
+    if takes_text(teacher.net):
         text_run(run, ds, guidance_scale, prompts)
     elif prompts is not None:
         raise EvalError("--prompts applies to a text-conditional run; this teacher takes no text")
@@ -332,7 +332,7 @@ def text_run(run: EvalRun, ds, guidance_scale: float | None, prompts: str | None
     from ..core.guidance import guided_teacher
     from ..teachers import text_encoder
 
-    if run.pipe is not None and "encoder_hidden_states" not in condition_keys(run.pipe.network):
+    if run.pipe is not None and not takes_text(run.pipe.network):
         raise EvalError("the teacher is text-conditional but the student is not; evaluate it with its own teacher "
                         "(--teacher)")
     w = evaluated_scale(run, guidance_scale)

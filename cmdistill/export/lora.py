@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..core.lora import LoraSpec, adapter_state_dict
-from .pipeline import lcm_scheduler_for, lcm_timesteps, lcm_timesteps_note
+from .pipeline import below_top, lcm_scheduler_for, lcm_timesteps, lcm_timesteps_note
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -31,7 +31,7 @@ def save_lora(fn, folder: str | os.PathLike, spec: LoraSpec, teacher: str = "unk
                                               unet_lora_adapter_metadata=meta, safe_serialization=True)
     w = fn.guidance_scale if fn.guidance_scale is not None else 1.0
     steps = "num_inference_steps=1"
-    if fn.sigma_max < float(fn.denoiser.sigma_table[-1]) * (1 - 1e-6):  # distilled below the teacher's top
+    if below_top(fn):
         steps = f"timesteps={lcm_timesteps(fn, lcm_scheduler_for(fn), 1)}"
     (tmp / "README.md").write_text(LORA_CARD.format(teacher=teacher, rank=spec.rank, alpha=spec.alpha, w=w,
                                                     steps=steps, note=lcm_timesteps_note(fn)))

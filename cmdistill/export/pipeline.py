@@ -37,7 +37,7 @@ from ..core.guidance import GuidanceEmbedding, NativeGuidanceEmbedding
 from ..core.parametrizations import DEFAULT_PARAMETRIZATION
 from ..core.sampling import default_multistep_sigmas, sample_consistency
 from ..core.autoencoders import decode_latents
-from ..core.networks import class_rows, condition_keys, family_of, guidance_input, image_shape
+from ..core.networks import class_rows, family_of, guidance_input, image_shape, takes_text
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -173,16 +173,20 @@ def lcm_scheduler_for(student: ConsistencyFunction) -> LCMScheduler:
                         timestep_scaling=student.boundary_scale)
 
 
+def below_top(student: ConsistencyFunction) -> bool:
+    """Whether the student's range stops below its teacher's top timestep (``student.sigma_max``)."""
+    return student.sigma_max < float(student.denoiser.sigma_table[-1]) * (1 - 1e-6)
+
+
 def lcm_timesteps(student: ConsistencyFunction, scheduler: LCMScheduler, steps: int) -> list[int]:
     """The ``steps`` teacher timesteps a ``LatentConsistencyModelPipeline`` samples this student at: ``LCMScheduler``'s
     own (its skipping of 50 original steps, from ``t = 999``) for a student of the teacher's whole range; for a
     student whose range stops lower (``student.sigma_max``), ``steps`` evenly spaced timesteps from its top ``t_max``
     down, which that pipeline takes as ``timesteps=[...]``."""
-    table = student.denoiser.sigma_table
-    top = int((table <= student.sigma_max * (1 + 1e-6)).nonzero().max())
-    if top >= len(table) - 1 or float(table[-1]) <= student.sigma_max * (1 + 1e-6):
+    if not below_top(student):
         scheduler.set_timesteps(steps)
         return [int(t) for t in scheduler.timesteps]
+    top = int((student.denoiser.sigma_table <= student.sigma_max * (1 + 1e-6)).nonzero().max())
     return [int(top - i * (top + 1) // steps) for i in range(steps)]
 
 
@@ -373,7 +377,7 @@ class ConsistencyPipeline(DiffusionPipeline):
         """``{"encoder_hidden_states": [B, L, D]}`` for a text student, from ``prompt`` (a string or a list, embedded
         by its tokenizer and text encoder as diffusers' Stable Diffusion pipelines do) or ``prompt_embeds``, each
         repeated ``num_images_per_prompt`` times in a row (diffusers' order); ``{}`` for other students."""
-        if "encoder_hidden_states" not in condition_keys(self.network):
+        if not takes_text(self.network):
             if prompt is not None or prompt_embeds is not None:
                 raise ValueError("this student takes no text: call it without prompt / prompt_embeds")
             return {}
@@ -531,7 +535,7 @@ CARD_EVALUATION = "## Evaluation"
 
 def lcm_timesteps_note(fn: ConsistencyFunction) -> str:
     """For a student whose range stops below the teacher's top: the ``timesteps`` to pass diffusers' pipeline."""
-    if fn.boundary != "lcm_scheduler" or fn.sigma_max >= float(fn.denoiser.sigma_table[-1]) * (1 - 1e-6):
+    if fn.boundary != "lcm_scheduler" or not below_top(fn):
         return ""
     sched = lcm_scheduler_for(fn)
     steps = "; ".join(f"{k} steps `timesteps={lcm_timesteps(fn, sched, k)}`" for k in (1, 2, 4))
@@ -548,7 +552,7 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
     c, h, w = pipe.image_shape
     stored = pipe.multistep_sigmas
     conditional = class_rows(pipe.network) is not None
-    text = "encoder_hidden_states" in condition_keys(pipe.network)
+    text = takes_text(pipe.network)
     tag = ("text-to-image" if text else "class-conditional-image-generation" if conditional
            else "unconditional-image-generation")
     call = ("prompt=\"a photo of a sneaker\", num_images_per_prompt=4, num_inference_steps=1" if text else

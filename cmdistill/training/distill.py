@@ -23,7 +23,7 @@ from ..core.consistency import make_student, make_target, update_target
 from ..core.guidance import attach_guidance, guided_teacher
 from ..core.lora import LoraSpec
 from ..core.losses import DecodedDistance, get_weighting, make_distance
-from ..core.networks import class_rows, condition_keys, image_shape, is_conditional, null_class
+from ..core.networks import class_rows, image_shape, is_conditional, null_class, takes_text
 from ..core.sampling import sample_consistency
 from ..core.schedules import SUBSTEP_SCHEDULES, PairSchedule
 from ..core.tensors import DTYPES, to_device
@@ -73,7 +73,7 @@ def lora_spec(recipe: Recipe, teacher) -> LoraSpec | None:
     lc = recipe.student.lora
     if not lc.rank:
         return None
-    if not text_teacher(teacher):
+    if not takes_text(teacher.net):
         raise ConfigError(f"LoRA students (student.lora) are built for text-conditional U-Nets (Stable Diffusion "
                           f"family), whose LoRA files diffusers loads with load_lora_weights; the teacher "
                           f"{recipe.teacher.path!r} is a {type(teacher.net).__name__}: set student.lora.rank: 0")
@@ -98,7 +98,7 @@ def build_data(recipe: Recipe, teacher, vae=None, acc=None, prompts=None) -> Dat
     dc = recipe.data
     if vae is not None:
         return latent_data(recipe, teacher, vae, acc, prompts)
-    if text_teacher(teacher):
+    if takes_text(teacher.net):
         raise DataError(f"the text-conditional teacher {recipe.teacher.path!r} has no vae/: cmdistill reads text "
                         "teachers in the StableDiffusionPipeline layout (unet, vae, text_encoder, tokenizer, scheduler)")
     if dc.resolution is not None and dc.resolution != resolution:
@@ -121,7 +121,7 @@ def latent_data(recipe: Recipe, teacher, vae, acc, prompts=None) -> Dataset:
     main, wait, echo = (True, lambda: None, print) if acc is None else (acc.is_main_process, acc.wait_for_everyone,
                                                                         acc.print)
     device = next(vae.parameters()).device
-    texts = text_teacher(teacher)
+    texts = takes_text(teacher.net)
     if texts != (getattr(pixels, "prompts", None) is not None):
         raise DataError(f"the teacher {recipe.teacher.path!r} is text-conditional: it needs captioned data "
                         "(data.name captions, hf_disk or fashion_captions)" if texts else
@@ -132,11 +132,6 @@ def latent_data(recipe: Recipe, teacher, vae, acc, prompts=None) -> Dataset:
     channels, side, _ = image_shape(teacher.net)
     check_fits(ds, side, channels, f"{dc.name} latents ({folder})")
     return ds
-
-
-def text_teacher(teacher) -> bool:
-    """Whether the teacher's network cross-attends to text (its condition is ``encoder_hidden_states``)."""
-    return "encoder_hidden_states" in condition_keys(teacher.net)
 
 
 def build_loss(lc, device, vae=None):
@@ -209,7 +204,7 @@ class Distillation:
         self.teacher, self.student, self.target, self.ema = build_models(recipe, device)
         self.vae = load_teacher_vae(recipe.teacher.path, device)  # a latent teacher's: encodes data, decodes grids
         # a text teacher's tokenizer + text encoder: embed the captions once, and travel with the exported student
-        self.prompt_encoder = text_encoder(recipe.teacher.path, device) if text_teacher(self.teacher) else None
+        self.prompt_encoder = text_encoder(recipe.teacher.path, device) if takes_text(self.teacher.net) else None
         if self.student.denoiser.adapter is not None and recipe.eval.curve:
             raise ConfigError("the checkpoint curve of LoRA students is not built yet: set eval.curve: false "
                               "(eval.at_end evaluates the exported student)")
@@ -233,9 +228,10 @@ class Distillation:
         self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
         self.model, self.optimizer = accelerator.prepare(self.student, opt)
         self.flip_gen = torch.Generator().manual_seed(tc.seed + 1 + accelerator.process_index)
-        self.modules = {"ema": self.ema} if self.target is self.student else {"target": self.target, "ema": self.ema}
-        if self.student.denoiser.adapter is not None and self.target is not self.student:  # its adapter alone
-            self.modules["target"] = AdapterWeights(self.target, "target")
+        self.modules = {"ema": self.ema}
+        if self.target is not self.student:  # a LoRA student's target is saved as its adapter alone
+            lora = self.student.denoiser.adapter is not None
+            self.modules = {"target": AdapterWeights(self.target, "target") if lora else self.target, **self.modules}
         self.generators = {"flip": self.flip_gen}
         c, h, w = image_shape(self.teacher.net)
         self.sample_noise = torch.randn(tc.num_sample_images, c, h, w,
