@@ -310,7 +310,8 @@ def sample(student, teacher, sampler, spacing, steps, sigmas, num, class_label, 
 @click.option("--search-sigmas", is_flag=True,
               help="Pick the 2…K-step sigmas by FID (CM's greedy search, on noise disjoint from the evaluation's) "
                    "and use them for this report.")
-@click.option("--store", is_flag=True, help="With --search-sigmas: write the sigmas found into <run>/student.")
+@click.option("--store", is_flag=True, help="With --search-sigmas: write the sigmas found into <run>/student and "
+                                          "rewrite its model card with them and this evaluation.")
 @click.option("--search-num", type=click.IntRange(min=2), default=None, show_default=True,
               help="Samples per search trial (default: min(--num, 500)).")
 @click.option("--search-candidates", type=click.IntRange(min=1), default=12, show_default=True,
@@ -370,9 +371,17 @@ def evaluate(run_dir, num, batch_size, feature_net, teacher, teacher_sampler, te
         return
     if store and guidance_scale is not None:
         raise EvalError("--store writes sigmas searched at the student's own guidance scale; drop --guidance-scale")
-    run(Path(run_dir), num, batch_size, max_steps, teacher_steps, teacher_sampler, teacher_spacing, feature_net,
-        teacher, search_sigmas, search_num, search_candidates, seed, device, not no_lpips, echo=click.echo,
-        store_sigmas=store, seeds=seeds, baseline_nfe=nfe, guidance_scale=guidance_scale, prompts=prompts)
+    kwargs = dict(num_samples=num, batch_size=batch_size, max_steps=max_steps, teacher_steps=teacher_steps,
+                  teacher_sampler=teacher_sampler, teacher_spacing=teacher_spacing, feature_net=feature_net,
+                  teacher_path=teacher, search_num=search_num, search_candidates=search_candidates, seed=seed,
+                  device=device, use_lpips=not no_lpips, seeds=seeds, baseline_nfe=nfe, guidance_scale=guidance_scale,
+                  prompts=prompts)
+    if store:  # the student's sigmas change: its model card is rewritten with them and this evaluation
+        from .commands import evaluate_and_store
+
+        evaluate_and_store(Path(run_dir), echo=click.echo, **kwargs)
+    else:
+        run(Path(run_dir), search_sigmas=search_sigmas, echo=click.echo, **kwargs)
 
 
 @main.command("train-classifier")

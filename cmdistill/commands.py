@@ -73,8 +73,7 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
 
     t_start = time.perf_counter()
     recipe = _with_output_dir(recipe, output_dir)
-    card = {"teacher": recipe.teacher.path, "recipe": str(Path(recipe.train.output_dir) / "recipe.yaml"),
-            "steps": recipe.train.max_steps}
+    card = card_facts(recipe)
     student_dir = train(recipe, Distillation, lambda task, out: export_student(task, out, card),
                         resume=resume, overwrite=overwrite)
     state = PartialState()
@@ -84,16 +83,9 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     ec = recipe.eval
     if ec.at_end:  # the recipe asks for the sigma search: then it is stored in the student
         from .evaluation.evaluate import evaluate
-        from .evaluation.generate import load_student
-        from .evaluation.report import headline_table, report_table
-        from .export.pipeline import write_model_card
-        from .files import make_readable
 
         report = evaluate(out, echo=echo, search_sigmas=ec.search_sigmas, store_sigmas=ec.search_sigmas)
-        table = (f"{report['num_samples']} samples per sampler, `{report['feature_net']}` features (full report: "
-                 f"`report.md` of the run).\n\n{headline_table(report)}\n\n{report_table(report)}")
-        write_model_card(student_dir, load_student(student_dir), **card, evaluation=table)
-        make_readable(student_dir / "README.md")
+        write_evaluated_card(student_dir, card, report)
     if ec.curve:
         from .evaluation.curve import evaluate_checkpoints
 
@@ -102,6 +94,35 @@ def distill(recipe: Recipe, output_dir: str | None = None, resume: str | None = 
     report = f"report: {out / 'report.md'}; " if recipe.eval.at_end else ""
     echo(f"student: {student_dir} ({report}sample it with `cmdistill sample --student {student_dir} --steps 1`)")
     return student_dir
+
+
+def card_facts(recipe: Recipe) -> dict:
+    """What a student's model card says about the run that made it: its teacher, recipe file and length."""
+    return {"teacher": recipe.teacher.path, "recipe": str(Path(recipe.train.output_dir) / "recipe.yaml"),
+            "steps": recipe.train.max_steps}
+
+
+def write_evaluated_card(student_dir: Path, card: dict, report: dict) -> None:
+    """Rewrite the student's model card with the evaluation ``report`` and the multistep sigmas now stored."""
+    from .evaluation.generate import load_student
+    from .evaluation.report import headline_table, report_table
+    from .export.pipeline import write_model_card
+    from .files import make_readable
+
+    table = (f"{report['num_samples']} samples per sampler, `{report['feature_net']}` features (full report: "
+             f"`report.md` of the run).\n\n{headline_table(report)}\n\n{report_table(report)}")
+    write_model_card(student_dir, load_student(student_dir), **card, evaluation=table)
+    make_readable(student_dir / "README.md")
+
+
+def evaluate_and_store(run_dir: Path, echo=print, **kwargs) -> dict:
+    """``cmdistill evaluate --search-sigmas --store``: the evaluation with the searched sigmas written into the
+    student, whose model card then says them and the new table (as at the end of ``distill``)."""
+    from .evaluation.evaluate import evaluate
+
+    report = evaluate(run_dir, echo=echo, search_sigmas=True, store_sigmas=True, **kwargs)
+    write_evaluated_card(run_dir / "student", card_facts(load_recipe(run_dir / "recipe.yaml")), report)
+    return report
 
 
 def train_teacher(recipe: TeacherRecipe, output_dir: str | None = None, resume: str | None = None,

@@ -448,3 +448,39 @@ def test_a_student_below_the_teachers_top_runs_in_lcm_pipeline_with_its_timestep
         a = ours(prompt=prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(1), **kw).images
         b = lcm(prompts, timesteps=ts, generator=torch.Generator().manual_seed(1), **kw).images
         np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_searched_sigmas_of_a_text_student_are_timesteps_its_card_gives_diffusers(text_run, tmp_path, monkeypatch):
+    """``evaluate --search-sigmas --store`` on a text (lcm_scheduler) student: the candidates are moved onto the
+    teacher's timesteps, so the stored 2-3-step levels are timesteps; the model card is rewritten with them, and
+    diffusers' LatentConsistencyModelPipeline given those ``timesteps`` samples what ConsistencyPipeline samples."""
+    import re
+    import shutil
+
+    import cmdistill.evaluation.evaluate as E
+    from cmdistill import ConsistencyPipeline
+    from cmdistill.commands import evaluate_and_store
+    from cmdistill.export.pipeline import lcm_scheduler_for, lcm_timesteps, timesteps_at
+
+    monkeypatch.setattr(E, "class_classifier", lambda run, search: AlwaysRedBag())
+    run = shutil.copytree(text_run / "run", tmp_path / "run")
+    evaluate_and_store(run, num_samples=6, batch_size=4, max_steps=3, teacher_steps=4, feature_net=MeanColour(),
+                       use_lpips=False, baselines=["dpm++2m"], baseline_nfe=[2], search_num=6, search_candidates=6,
+                       progress=False, echo=lambda s: None)
+    ours = ConsistencyPipeline.from_pretrained(run / "student")
+    fn, card = ours.consistency_function, (run / "student" / "README.md").read_text()
+    assert "## Evaluation" in card and "student-3" in card  # the card carries this evaluation
+    for k in (2, 3):
+        ts, exact = timesteps_at(fn, ours.sigmas_for(k))
+        assert exact and ts[0] == 999 and ts != lcm_timesteps(fn, lcm_scheduler_for(fn), k)
+        assert f"{k} steps `timesteps={ts}`" in card
+    ts = [int(t) for t in re.search(r"2 steps `timesteps=\[([0-9, ]+)\]`", card).group(1).split(",")]
+    lcm = LatentConsistencyModelPipeline.from_pretrained(run / "student", safety_checker=None,
+                                                         feature_extractor=None, requires_safety_checker=False)
+    kw = dict(latents=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), guidance_scale=4.0,
+              output_type="np")
+    a = ours(prompt=["a red bag", "a photo of a sneaker"], num_inference_steps=2,
+             generator=torch.Generator().manual_seed(1), **kw).images
+    b = lcm(["a red bag", "a photo of a sneaker"], timesteps=ts, generator=torch.Generator().manual_seed(1),
+            **kw).images
+    np.testing.assert_allclose(a, b, atol=1e-3)

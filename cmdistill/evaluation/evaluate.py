@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core.schedules import DEFAULT_TEACHER_SPACING, karras_grid
 from ..core.networks import class_rows, image_shape, takes_text
-from ..export.pipeline import config_file
+from ..export.pipeline import config_file, on_timesteps
 from ..machine import machine_fingerprint
 from .baselines import make_baselines, student_start, teacher_start
 from .baselines import teacher_sampler as start_sampler
@@ -405,8 +405,9 @@ def feature_facts(feature_net, run: EvalRun, seed: int, search: list, num: int |
 
 def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidates: int, seed: int,
                  batch_size: int, store: bool, echo) -> dict:
-    """:func:`search_multistep_sigmas` with student FID as the score, on its own noise (:func:`search_seeds`).
-    The taus found are used for this evaluation; with ``store`` they are also written into ``<run>/student``."""
+    """:func:`search_multistep_sigmas` with student FID as the score, on its own noise (:func:`search_seeds`); an
+    ``lcm_scheduler`` student's candidates are moved onto the teacher's timesteps (:func:`on_timesteps`). The taus
+    found are used for this evaluation; with ``store`` they are also written into ``<run>/student``."""
     fn = run.pipe.consistency_function
     echo(f"searching 2…{max_steps}-step sigmas by FID on {num} samples")
     z_seed, _ = search_seeds(seed)
@@ -416,8 +417,10 @@ def sigma_search(run: EvalRun, fid: FIDMeter, max_steps: int, num: int, candidat
         return fid(run_batches(student_fn(run.pipe, sig, guidance_scale=run.guidance_scale), z, g, batch_size,
                                run.device, "search", False, run.conditions(num), latent_decoder(run.vae))[0])
 
-    res = search_multistep_sigmas(score, fn.sigma_max, candidate_taus(fn.sigma_min, fn.sigma_max, candidates),
-                                  max_steps, echo)
+    taus = candidate_taus(fn.sigma_min, fn.sigma_max, candidates)
+    if fn.boundary == "lcm_scheduler":  # levels diffusers' LCM pipeline can sample too (timesteps=[...])
+        taus = [s for s in on_timesteps(fn, taus) if s < fn.sigma_max * (1 - 1e-6)]
+    res = search_multistep_sigmas(score, fn.sigma_max, taus, max_steps, echo)
     if store:
         store_multistep_sigmas(run.pipe, res["sigmas"], run.run_dir / "student")
         echo(f"stored the searched sigmas in {config_file(run.run_dir / 'student')}")

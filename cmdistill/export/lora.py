@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..core.lora import LoraSpec, adapter_state_dict
-from .pipeline import below_top, lcm_scheduler_for, lcm_timesteps, lcm_timesteps_note
+from .pipeline import below_top, lcm_scheduler_for, lcm_sigmas, lcm_timesteps, lcm_timesteps_note
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -30,11 +30,12 @@ def save_lora(fn, folder: str | os.PathLike, spec: LoraSpec, teacher: str = "unk
                                                                                         fn.denoiser.adapter),
                                               unet_lora_adapter_metadata=meta, safe_serialization=True)
     w = fn.guidance_scale if fn.guidance_scale is not None else 1.0
-    steps = "num_inference_steps=1"
+    sched, steps = lcm_scheduler_for(fn), "num_inference_steps=1"
     if below_top(fn):
-        steps = f"timesteps={lcm_timesteps(fn, lcm_scheduler_for(fn), 1)}"
+        steps = f"timesteps={lcm_timesteps(fn, sched, 1)}"
+    note = lcm_timesteps_note(fn, {k: lcm_sigmas(fn, sched, k) for k in (1, 2, 4)})
     (tmp / "README.md").write_text(LORA_CARD.format(teacher=teacher, rank=spec.rank, alpha=spec.alpha, w=w,
-                                                    steps=steps, note=lcm_timesteps_note(fn)))
+                                                    steps=steps, note=note))
     make_readable(tmp)
     replace_dir(tmp, folder)
     return folder

@@ -18,6 +18,7 @@ module's path (``["cmdistill.export.pipeline", "ConsistencyConfig"]``), which di
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -193,6 +194,25 @@ def lcm_timesteps(student: ConsistencyFunction, scheduler: LCMScheduler, steps: 
 def lcm_sigmas(student: ConsistencyFunction, scheduler: LCMScheduler, steps: int) -> list[float]:
     """The noise levels of :func:`lcm_timesteps`, in the student's EDM units."""
     return [float(student.denoiser.sigma_table[t]) for t in lcm_timesteps(student, scheduler, steps)]
+
+
+def timesteps_at(student: ConsistencyFunction, sigmas: Sequence[float]) -> tuple[list[int], bool]:
+    """The teacher timesteps nearest (in log sigma) to ``sigmas``, and whether every sigma is exactly one of theirs
+    (relative 1e-6): the ``timesteps=[...]`` with which diffusers' ``LatentConsistencyModelPipeline`` samples the
+    noise levels ``sigmas`` of an ``lcm_scheduler`` student (LCMScheduler steps on the teacher's integer timesteps
+    only)."""
+    log_table = student.denoiser.sigma_table.double().log()
+    ts = [int((log_table - math.log(float(s))).abs().argmin()) for s in sigmas]
+    exact = all(abs(float(log_table[t]) - math.log(float(s))) < 1e-6 for t, s in zip(ts, sigmas))
+    return ts, exact
+
+
+def on_timesteps(student: ConsistencyFunction, sigmas: Sequence[float]) -> list[float]:
+    """``sigmas`` moved to the noise levels of their nearest teacher timesteps (:func:`timesteps_at`), order kept,
+    repeats dropped: the levels at which an ``LCMScheduler`` can sample an ``lcm_scheduler`` student."""
+    table = student.denoiser.sigma_table
+    out = [float(table[t]) for t in timesteps_at(student, sigmas)[0]]
+    return [s for i, s in enumerate(out) if s not in out[:i]]
 
 
 def _component(index: dict, name: str) -> bool:
@@ -533,14 +553,23 @@ def save_student(fn: ConsistencyFunction, folder: str | os.PathLike, multistep_s
 CARD_EVALUATION = "## Evaluation"
 
 
-def lcm_timesteps_note(fn: ConsistencyFunction) -> str:
-    """For a student whose range stops below the teacher's top: the ``timesteps`` to pass diffusers' pipeline."""
-    if fn.boundary != "lcm_scheduler" or not below_top(fn):
+def lcm_timesteps_note(fn: ConsistencyFunction, sigmas: dict[int, list[float]]) -> str:
+    """For an ``lcm_scheduler`` student sampled at other noise levels than ``LCMScheduler``'s own (``sigmas``,
+    ``{steps: [...]}``: a range below the teacher's top, or levels found by ``evaluate --search-sigmas``): the
+    ``timesteps`` to pass diffusers' pipeline; "" when its own are the same."""
+    if fn.boundary != "lcm_scheduler":
         return ""
-    sched = lcm_scheduler_for(fn)
-    steps = "; ".join(f"{k} steps `timesteps={lcm_timesteps(fn, sched, k)}`" for k in (1, 2, 4))
-    return (f" when given the timesteps of its range (it was distilled below the teacher's top, up to sigma "
-            f"{fn.sigma_max:.4g}): {steps}")
+    sched, chosen, exact = lcm_scheduler_for(fn), {}, True
+    for k, sig in sorted(sigmas.items()):
+        chosen[k], on_table = timesteps_at(fn, sig)
+        exact = exact and on_table
+    if all(ts == lcm_timesteps(fn, sched, k) for k, ts in chosen.items()) and not below_top(fn):
+        return ""
+    steps = "; ".join(f"{k} steps `timesteps={ts}`" for k, ts in chosen.items())
+    why = (f"it was distilled below the teacher's top, up to sigma {fn.sigma_max:.4g}" if below_top(fn) else
+           "its stored noise levels are not LCMScheduler's own")
+    near = "" if exact else " (the nearest timesteps: some stored noise levels lie between two)"
+    return f" when given the timesteps it is sampled at ({why}){near}: {steps}"
 
 
 def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", teacher: str = "unknown",
@@ -577,7 +606,8 @@ def write_model_card(folder: str | os.PathLike, pipe: "ConsistencyPipeline", tea
         + (" It is class-conditional (`class_labels`: one int, a list or a tensor)." if conditional else "")
         + (" It is text-conditional (`prompt` or `prompt_embeds`); the same folder loads in diffusers' "
            "`LatentConsistencyModelPipeline` (with `safety_checker=None, feature_extractor=None, "
-           "requires_safety_checker=False`), which samples it the same way" + lcm_timesteps_note(fn) + "."
+           "requires_safety_checker=False`), which samples it the same way"
+           + lcm_timesteps_note(fn, {k: pipe.sigmas_for(k) for k in (1, 2, 3, 4)}) + "."
            if text else "")
         + about_w, "",
         "## Use", "", "```python", "import cmdistill  # registers ConsistencyPipeline with diffusers",
