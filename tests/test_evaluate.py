@@ -121,6 +121,63 @@ def test_fid_meter():
     assert meter(torch.rand_like(real) * 2 - 1) > meter(real.flip(-1))
 
 
+class CountingImages(torch.utils.data.Dataset):
+    """A dataset of (image, label) pairs that counts the images read."""
+
+    def __init__(self, images):
+        self.images, self.reads = images, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.images[i], 0
+
+
+def test_real_images_are_read_batch_by_batch_and_score_as_a_tensor():
+    """``RealImages`` (the evaluation's real set, never stacked whole): the FID statistics, precision / recall and
+    the real-vs-real floor computed from it equal those of the same images as one tensor; a view reads nothing,
+    and features read each image once, ``batch_size`` at a time."""
+    from cmdistill.evaluation.features import real_vs_real
+    from cmdistill.evaluation.real_images import RealImages
+
+    images = digits_dataset("").tensors[0][:600]
+    ds = CountingImages(images)
+    real = RealImages(ds, limit=500)
+    view = real[100:400]
+    assert len(real) == 500 and len(view) == 300 and ds.reads == 0
+    assert real.shape == (500, 1, 8, 8) and view.shape == (300, 1, 8, 8)
+    assert [b.shape[0] for b in view.split(128)] == [128, 128, 44]
+    assert ds.reads == 2 + 300  # one image for each of the two shapes, then each image of the view once
+    torch.testing.assert_close(torch.cat(list(real[torch.tensor([7, 3])].split(5))), images[[7, 3]])
+    feats, fake = TinyFeatures(), images.flip(-1)[:200]
+    ds.reads = 0
+    lazy, dense = FIDMeter(feats, batch_size=64).add_real(real), FIDMeter(feats, batch_size=64).add_real(images[:500])
+    assert ds.reads == 500
+    assert lazy(fake) == dense(fake) and lazy.score(fake) == dense.score(fake)
+    assert real_vs_real(feats, real, num_samples=100) == real_vs_real(feats, images[:500], num_samples=100)
+
+
+def test_measure_keeps_the_references_whole_and_a_side_by_side_of_the_others():
+    """After scoring, ``measure`` holds every image of a reference sampler (paired distances need them) and the
+    first KEPT_IMAGES of any other, whose paired distances are still to its whole reference."""
+    from types import SimpleNamespace
+
+    from cmdistill.evaluation.evaluate import KEPT_IMAGES, Sampler, measure
+
+    real = digits_dataset("").tensors[0][:300]
+    run = SimpleNamespace(labels=lambda n: None, conditions=lambda n: None, shape=(1, 8, 8), device="cpu", vae=None)
+    ref = Sampler("ref", "teacher", 1, 1, lambda z, g: z.clamp(-1, 1))
+    other = Sampler("other", "student", 1, 1, lambda z, g: z.clamp(-1, 1) * 0.5, ref="ref")
+    entries, images = measure([ref, other], run, FIDMeter(TinyFeatures()).add_real(real), None, 40, [0], 16,
+                              lambda s: None, False)
+    assert images["ref"].shape[0] == 40 and images["other"].shape[0] == KEPT_IMAGES < 40
+    torch.testing.assert_close(images["other"], images["ref"][:KEPT_IMAGES] * 0.5)
+    half_way = float((images["ref"] / 4).square().mean())  # ((x - ref) / 2)^2 over all 40 pairs, x = ref / 2
+    assert entries["other"]["vs_teacher_ref"]["mse"] == pytest.approx(half_way, rel=1e-5)
+
+
 def test_greedy_sigma_search_finds_the_grid_optimum():
     cands = candidate_taus(0.01, 80.0, 10)
     assert len(cands) == 10 and all(a > b for a, b in zip(cands, cands[1:])) and 0.01 < cands[-1] < cands[0] < 80

@@ -32,10 +32,12 @@ from .baselines import make_baselines, student_start, teacher_start
 from .baselines import teacher_sampler as start_sampler
 from .features import CLASSIFIERS, FIDMeter, accuracy, classifier_data, find_classifier, load_classifier, real_vs_real
 from .generate import initial_noise, latent_decoder, load_student, run_batches, student_fn, teacher_fn
+from .real_images import RealImages
 from .report import headline, headline_table, report_table, side_by_side, write_report
 
 FLOOR_MAX_IMAGES = 20_000   # real-vs-real FID floor: among the first 20k real images (digits: all 1797)
 REAL_MAX_IMAGES = 50_000    # FID reference statistics: the first 50k training images (CIFAR-10: all)
+KEPT_IMAGES = 16            # samples kept per non-reference sampler after scoring: the side-by-side's most columns
 SEARCH_SEED_OFFSET = 1000   # the sigma search draws its noise from seed + 1000: disjoint from evaluation_seeds
 PROMPT_ORDER_SEED = 0       # the fixed random order in which a text run's samples take the eval data's captions
 MAX_SEEDS = 100
@@ -158,7 +160,7 @@ class EvalRun:
     teacher: nn.Module   # the teacher's EDM denoiser
     teacher_path: str
     shape: tuple         # (C, H, W)
-    real: torch.Tensor   # real images in [-1, 1]
+    real: RealImages     # real images in [-1, 1] (read on demand; a tensor of images also serves)
     device: torch.device
     classes: int | None = None            # class-conditional: the data's classes, sampled in turn
     guidance_scale: float | None = None   # class-conditional: the classifier-free guidance scale w evaluated
@@ -275,7 +277,7 @@ def load_run(run_dir: Path, teacher_path: str | None, device, need_student: bool
     channels, side = (shape[0], shape[1]) if vae is None else (vae.config.in_channels, vae.config.sample_size)
     ds = make_dataset(reference_data(recipe), recipe.data.root, recipe.data.resolution or side, channels,
                       recipe.data.caption_column)
-    real = torch.stack([ds[i][0] for i in range(min(len(ds), REAL_MAX_IMAGES))])
+    real = RealImages(ds, REAL_MAX_IMAGES)  # read batch by batch when features are computed, never all at once
     run = EvalRun(run_dir, recipe, pipe, teacher, str(teacher_path), shape, real, device, guided=teacher, vae=vae)
     if takes_text(teacher.net):
         text_run(run, ds, guidance_scale, prompts)
@@ -486,9 +488,11 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
     multistep noise from ``s + 1``): FID, precision and recall (mean and std over seeds), for a conditional run the
     class accuracy (the share of samples ``classifier`` assigns to the class asked for), paired distances to the
     reference sampler of the same start (``Sampler.ref``) and images per second (first seed). Returns
-    ``(entries, images of the first seed)``."""
+    ``(entries, images of the first seed)``: all of a reference's, the first :data:`KEPT_IMAGES` of the others' (the
+    side-by-side's columns), so memory holds the references and one sampler's set, not every sampler's."""
     entries, images = {}, {}
     labels, conditions = run.labels(num), run.conditions(num)
+    refs = {s.ref for s in samplers if s.ref}
     for s in samplers:
         scores, speeds = [], []
         for i, seed in enumerate(seeds):
@@ -510,6 +514,8 @@ def measure(samplers: list[Sampler], run: EvalRun, fid: FIDMeter, lpips, num: in
                 if std is not None:
                     e[f"{key}_std"] = std
         entries[s.name] = e
+        if s.name not in refs:
+            images[s.name] = images[s.name][:KEPT_IMAGES].clone()
         acc = f", class accuracy {e['class_accuracy']:.3f}" if "class_accuracy" in e else ""
         echo(f"{s.name:>18}: FID {e['fid']:.3f}, precision {e['precision']:.3f}, recall {e['recall']:.3f}{acc}, "
              f"{speeds[0]:.1f} img/s")
@@ -584,7 +590,7 @@ def evaluate(run_dir: str | Path, num_samples: int | None = None, batch_size: in
     refs = list(dict.fromkeys(s.ref or s.name for s in samplers if s.kind == "student"))
     rows = list(dict.fromkeys([samplers[0].name, *refs] + [f"student-{k}" for k in (1, 2, 4) if k <= max_steps]
                               + best4))
-    columns = {} if run.classes is None else {"ncol": min(run.classes, 16), "column_label": "class {i}"}
+    columns = {} if run.classes is None else {"ncol": min(run.classes, KEPT_IMAGES), "column_label": "class {i}"}
     report["side_by_side"] = f"side_by_side{suffix}.png"
     side_by_side({f"{n} | NFE {sd[n]['nfe']} | FID {sd[n]['fid']:.2f}": images[n] for n in rows},
                  run.run_dir / report["side_by_side"], **columns)

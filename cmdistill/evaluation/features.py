@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .real_images import RealImages
+
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_CONFIG = "config.json"
 # shipped inside the package (package data), so a non-editable install finds it from any folder
@@ -309,11 +311,12 @@ class FIDMeter:
         self.real: torch.Tensor | None = None
 
     @torch.no_grad()
-    def feature_batches(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Float64 features, one tensor per batch of ``batch_size`` images."""
+    def feature_batches(self, images: "torch.Tensor | RealImages") -> list[torch.Tensor]:
+        """Float64 features, one tensor per batch of ``batch_size`` images (a tensor, or
+        :class:`~.real_images.RealImages` read batch by batch)."""
         out = []
-        for i in range(0, len(images), self.batch_size):
-            x = ((images[i:i + self.batch_size].float() + 1) / 2).clamp(0, 1).to(self.device)
+        for batch in images.split(self.batch_size):
+            x = ((batch.float() + 1) / 2).clamp(0, 1).to(self.device)
             if not self.custom:  # Inception: 3 channels, uint8 as torchmetrics' normalize=True gives it
                 x = (x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x)
                 x = (x * 255).byte()
@@ -363,7 +366,7 @@ def floor_sizes(num_samples: int | None, num_real: int) -> tuple[int, int]:
     return int(num_samples), num_real - int(num_samples)
 
 
-def real_vs_real(feature_net: str | nn.Module, images: torch.Tensor, seed: int = 0, device="cpu",
+def real_vs_real(feature_net: str | nn.Module, images: "torch.Tensor | RealImages", seed: int = 0, device="cpu",
                  search: Iterable[str | Path] = (), num_samples: int | None = None,
                  transform: Callable | None = None) -> dict:
     """The floor of every metric: FID, precision and recall of ``num_a`` random real images against ``num_b``
