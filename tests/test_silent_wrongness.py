@@ -4,12 +4,10 @@ the grad scaler skipped still moving the target, EMA and LR, misread schedulers,
 source, a second network kept for a target that equals the student, and diffusers' cast warning at start-up."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from cmdistill.cli import main
