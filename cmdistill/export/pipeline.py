@@ -565,7 +565,7 @@ def lcm_timesteps_note(fn: ConsistencyFunction, sigmas: dict[int, list[float]]) 
         exact = exact and on_table
     if all(ts == lcm_timesteps(fn, sched, k) for k, ts in chosen.items()) and not below_top(fn):
         return ""
-    steps = "; ".join(f"{k} steps `timesteps={ts}`" for k, ts in chosen.items())
+    steps = "; ".join(f"{k} step{'s' if k > 1 else ''} `timesteps={ts}`" for k, ts in chosen.items())
     why = (f"it was distilled below the teacher's top, up to sigma {fn.sigma_max:.4g}" if below_top(fn) else
            "its stored noise levels are not LCMScheduler's own")
     near = "" if exact else " (the nearest timesteps: some stored noise levels lie between two)"
