@@ -124,6 +124,10 @@ def test_lora_checkpoints_hold_the_adapters_only(lora_run):
     for name in ("ema", "target"):
         t = load_file(str(ckpt / f"{name}.safetensors"))
         assert set(t) - {"step"} and all(k.startswith("lora.") and "lora_" in k for k in t if k != "step")
+    student = load_file(str(ckpt / "model.safetensors"))  # accelerate's file: the student's adapter, not the base
+    assert student and all("lora_" in k and ".student." in k for k in student)
+    assert sum(v.numel() for v in student.values()) == sum(
+        v.numel() for v in load_file(str(lora_run / "run" / "lora" / "pytorch_lora_weights.safetensors")).values())
     card = (lora_run / "run" / "lora" / "README.md").read_text()
     assert "load_lora_weights" in card and "LCMScheduler" in card
 

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/step_N`` holding
 
-* accelerate's own files: the student (``model.safetensors``), the optimiser (``optimizer.bin``) and the
+* accelerate's own files: the student (``model.safetensors``; a LoRA student's adapters alone,
+  :func:`save_trainable_only`), the optimiser (``optimizer.bin``) and the
   Python / NumPy / torch RNG states (``random_states_<rank>.pkl``); accelerate reads its ``.bin``/``.pkl``
   files with ``torch.load(weights_only=True)``;
 * cmdistill's own files, never pickles: the other networks (target, evaluation EMA) as
@@ -182,6 +183,37 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, recipe_yaml: str, ke
         fsync_dir(ckpt_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_trainable_only(accelerator, model: torch.nn.Module) -> None:
+    """Make accelerate's checkpoints of ``model`` (prepared by ``accelerator``) hold its trainable tensors alone: for
+    a model whose frozen weights are the ones the run loads anyway (a LoRA student: adapters on the teacher's own
+    network), so a checkpoint is the adapters, not the base (1.7 GB for SD 1.5 in fp16). Its ``model.safetensors``
+    keeps accelerate's name; resuming loads it onto the base the run has built, refusing a file that lacks one of the
+    trainable tensors. Through accelerate's state pre-hooks (a hook that loads a model removes it from
+    the list accelerate loads)."""
+    from safetensors.torch import load_file
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(models, weights, output_dir):
+        for i, m in enumerate(models):
+            if m is model:
+                weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    def load(models, input_dir):
+        for i, m in enumerate(models):
+            if m is model:
+                state = load_file(str(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"))
+                if not names <= set(state):  # an older checkpoint holds the base too: its frozen tensors are skipped
+                    raise CheckpointError(f"checkpoint {input_dir} lacks {len(names - set(state))} of this run's "
+                                          f"{len(names)} trainable tensors (another run's?)")
+                m.load_state_dict({k: state[k] for k in names}, strict=False)
+                models.pop(i)
+                return
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 def load_checkpoint(accelerator, path: Path, modules: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

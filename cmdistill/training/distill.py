@@ -32,6 +32,7 @@ from ..images import save_grid
 from ..latents import load_teacher_vae
 from ..teachers import load_teacher, teacher_autoencoder, text_encoder
 from .bank import bank_dataset
+from .checkpoint import save_trainable_only
 from .ema import AdapterWeights, make_eval_ema
 from .optim import make_lr_schedule, make_optimizer
 from .speed import configure_networks
@@ -227,6 +228,8 @@ class Distillation:
         opt = make_optimizer([p for p in self.student.parameters() if p.requires_grad], recipe.optim)
         self.lr_scheduler = make_lr_schedule(opt, recipe.optim, tc.max_steps)
         self.model, self.optimizer = accelerator.prepare(self.student, opt)
+        if self.student.denoiser.adapter is not None:  # the base is the teacher's file: checkpoint the adapters
+            save_trainable_only(accelerator, self.model)
         self.flip_gen = torch.Generator().manual_seed(tc.seed + 1 + accelerator.process_index)
         self.modules = {"ema": self.ema}
         if self.target is not self.student:  # a LoRA student's target is saved as its adapter alone
