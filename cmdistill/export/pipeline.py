@@ -211,8 +211,7 @@ def on_timesteps(student: ConsistencyFunction, sigmas: Sequence[float]) -> list[
     """``sigmas`` moved to the noise levels of their nearest teacher timesteps (:func:`timesteps_at`), order kept,
     repeats dropped: the levels at which an ``LCMScheduler`` can sample an ``lcm_scheduler`` student."""
     table = student.denoiser.sigma_table
-    out = [float(table[t]) for t in timesteps_at(student, sigmas)[0]]
-    return [s for i, s in enumerate(out) if s not in out[:i]]
+    return list(dict.fromkeys(float(table[t]) for t in timesteps_at(student, sigmas)[0]))
 
 
 def _component(index: dict, name: str) -> bool:
@@ -559,14 +558,14 @@ def lcm_timesteps_note(fn: ConsistencyFunction, sigmas: dict[int, list[float]]) 
     ``timesteps`` to pass diffusers' pipeline; "" when its own are the same."""
     if fn.boundary != "lcm_scheduler":
         return ""
-    sched, chosen, exact = lcm_scheduler_for(fn), {}, True
+    sched, chosen, exact, lower = lcm_scheduler_for(fn), {}, True, below_top(fn)
     for k, sig in sorted(sigmas.items()):
         chosen[k], on_table = timesteps_at(fn, sig)
         exact = exact and on_table
-    if all(ts == lcm_timesteps(fn, sched, k) for k, ts in chosen.items()) and not below_top(fn):
+    if not lower and all(ts == lcm_timesteps(fn, sched, k) for k, ts in chosen.items()):
         return ""
     steps = "; ".join(f"{k} step{'s' if k > 1 else ''} `timesteps={ts}`" for k, ts in chosen.items())
-    why = (f"it was distilled below the teacher's top, up to sigma {fn.sigma_max:.4g}" if below_top(fn) else
+    why = (f"it was distilled below the teacher's top, up to sigma {fn.sigma_max:.4g}" if lower else
            "its stored noise levels are not LCMScheduler's own")
     near = "" if exact else " (the nearest timesteps: some stored noise levels lie between two)"
     return f" when given the timesteps it is sampled at ({why}){near}: {steps}"
