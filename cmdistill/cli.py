@@ -161,10 +161,16 @@ def distill(recipe, output_dir, overrides, resume, overwrite, dry_run, steps):
 @_training_options
 @friendly_errors
 def train_teacher(recipe, output_dir, overrides, resume, overwrite, dry_run):
-    """Train a DDPM teacher (diffusers UNet2DModel + DDPMScheduler) with an EMA of its weights.
+    """Train a teacher (or a latent teacher's VAE) with an EMA of its weights; the recipe's `model` says which.
 
-    Exports the EMA as a DDPMPipeline folder (train.export_dir, default <output_dir>/pipeline) that
-    diffusers.DDPMPipeline.from_pretrained loads and `cmdistill distill` can use as its teacher.
+    \b
+    model: unet         UNet2DModel + DDPMScheduler, exported as a DDPMPipeline
+    model: autoencoder  AutoencoderKL (reconstruction + KL), exported as a diffusers model folder
+    model: dit          class-conditional DiTTransformer2DModel on latent.vae's cached latents -> DiTPipeline
+    model: sd           UNet2DConditionModel + CLIPTextModel + tokenizer on captions -> StableDiffusionPipeline
+
+    The EMA is exported to train.export_dir (default <output_dir>/pipeline); the diffusers pipeline class above
+    loads it, and `cmdistill distill` takes it as its teacher.
     """
     from .commands import load_teacher_recipe
     from .commands import train_teacher as run

@@ -566,8 +566,7 @@ def _check_distill(recipe: Recipe) -> None:
     lc = recipe.student.lora
     if lc.rank and gc.w_min is not None:
         raise ConfigError("a LoRA student (student.lora.rank > 0) has no guidance-scale input: the base network its "
-                          "adapters load onto has none; distil one w (guidance.scale) and leave w_min/w_max unset, as "
-                          "LCM-LoRA does")
+                          "adapters load onto has none; distil one w (guidance.scale) and leave w_min/w_max unset")
     if lc.rank and (not lc.target_modules or not all(isinstance(m, str) and m for m in lc.target_modules)):
         raise ConfigError(f"'student.lora.target_modules' must be a non-empty list of layer names, got "
                           f"{lc.target_modules!r}")
