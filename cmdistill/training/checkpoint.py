@@ -192,6 +192,7 @@ def save_trainable_only(accelerator, model: torch.nn.Module) -> None:
     keeps accelerate's name; resuming loads it onto the base the run has built, refusing a file that lacks one of the
     trainable tensors. Through accelerate's state pre-hooks (a hook that loads a model removes it from
     the list accelerate loads)."""
+    from accelerate.utils import SAFE_MODEL_NAME
     from safetensors.torch import load_file
 
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -204,7 +205,7 @@ def save_trainable_only(accelerator, model: torch.nn.Module) -> None:
     def load(models, input_dir):
         for i, m in enumerate(models):
             if m is model:
-                state = load_file(str(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"))
+                state = load_file(str(Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"))
                 if not names <= set(state):  # an older checkpoint holds the base too: its frozen tensors are skipped
                     raise CheckpointError(f"checkpoint {input_dir} lacks {len(names - set(state))} of this run's "
                                           f"{len(names)} trainable tensors (another run's?)")
